@@ -1,0 +1,42 @@
+"""bilevel_jax: gradient-based bilevel optimization (meta learning) for JAX and optax.
+
+The headline method is SAMA (Choe et al., "Making Scalable Meta Learning
+Practical", NeurIPS 2023): first-order meta-gradients adapted to the base
+optax optimizer through an analytic adaptation matrix.
+"""
+
+from bilevel_jax import adaptation
+from bilevel_jax._checks import BilevelInputError
+from bilevel_jax.adaptation import AdaptationError, UnsupportedTransformError, adapt, describe
+from bilevel_jax.hypergrad import (
+    SAMA,
+    BilevelInputs,
+    BilevelProblem,
+    Hypergrad,
+    HypergradMethod,
+    sama,
+    sama_hypergrad,
+    sama_na,
+)
+from bilevel_jax.transform import MetaGradState, meta_grad
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptationError",
+    "BilevelInputError",
+    "BilevelInputs",
+    "BilevelProblem",
+    "Hypergrad",
+    "HypergradMethod",
+    "MetaGradState",
+    "SAMA",
+    "UnsupportedTransformError",
+    "adapt",
+    "adaptation",
+    "describe",
+    "meta_grad",
+    "sama",
+    "sama_hypergrad",
+    "sama_na",
+]
