@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs the test suite (sets up .venv/ from requirements.lock first). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+rc=0
+.venv/bin/python -m pytest -q "$@" || rc=$?
+if [[ $rc -eq 5 ]]; then
+    echo "[test.sh] ERROR: pytest collected no tests (exit code 5); the suite must not be empty." >&2
+    exit 1
+fi
+exit $rc
