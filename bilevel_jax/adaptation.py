@@ -22,7 +22,8 @@ transform                          ∂out/∂in
 ``add_decayed_weights``, identity  ``1``
 ``trace(β)``                       ``1``, or ``1 + β`` with ``nesterov=True``
 ``scale_by_adam``                  ``[A(s+ε) − m̂(1−β₂)g/(c₂s)] / (s+ε)²`` with
-                                   ``A = (1−β₁)/c₁`` (see :func:`_adam_rule`)
+                                   ``A = (1−β₁)/c₁``, evaluated without
+                                   cancellation (see :func:`_adam_rule`)
 ``scale_by_rms``                   ``(ρn/c + ε) / (n̂+ε)^{3/2}`` (eps in sqrt)
 ``scale_by_rss``                   ``(S+ε) / (S'+ε)^{3/2}``
 ``clip(δ)``                        ``1{|g| ≤ δ}``
@@ -114,6 +115,8 @@ class _Fallback(_Node):
 
         try:
             out, pullback = jax.vjp(step, g)
+            w = jax.tree.map(lambda wi, oi: jnp.asarray(wi, oi.dtype), w, out)
+            return pullback(w)[0]
         except Exception as e:  # noqa: BLE001 - re-raised with the transform named
             raise AdaptationError(
                 f"the optax transform {self.name!r} cannot be differentiated with respect "
@@ -121,8 +124,6 @@ class _Fallback(_Node):
                 f"({type(e).__name__}: {e}). Use SAMA-NA (adapt=False) or a "
                 f"differentiable optimizer."
             ) from e
-        w = jax.tree.map(lambda wi, oi: jnp.asarray(wi, oi.dtype), w, out)
-        return pullback(w)[0]
 
     def describe(self, state) -> str:
         return f"{self.name}: exact VJP fallback"
@@ -293,10 +294,16 @@ def _adam_rule(cells):
     r"""Jacobian of ``scale_by_adam`` (optax's exact update, bias correction included).
 
     With t = count+1, c₁ = 1−β₁ᵗ, c₂ = 1−β₂ᵗ, m' = β₁m + (1−β₁)g, n' = β₂n + (1−β₂)g²,
-    m̂ = m'/c₁ (or optax's Nesterov form), n̂ = n'/c₂, s = √(n̂ + ε_root), the update is
-    m̂/(s+ε) and its derivative is ``[A(s+ε) − m̂(1−β₂)g/(c₂s)]/(s+ε)²`` where
-    A = ∂m̂/∂g = (1−β₁)/c₁, or β₁(1−β₁)/(1−β₁^{t+1}) + (1−β₁)/c₁ with Nesterov.
-    Where s = 0 (g = n = 0, ε_root = 0) the second term is taken as its limit 0.
+    n̂ = n'/c₂, s = √(n̂ + ε_root), the update is m̂/(s+ε) with m̂ = m'/c₁ (optax's
+    Nesterov form: m̂ = β₁m'/(1−β₁^{t+1}) + (1−β₁)g/c₁). Writing m̂ = A·g + B·m,
+
+        ∂/∂g [m̂/(s+ε)] = [A(s+ε) − m̂(1−β₂)g/(c₂s)] / (s+ε)²
+                       = [A·ε + A(β₂n/c₂ + ε_root)/s − B·m(1−β₂)g/(c₂s)] / (s+ε)²,
+
+    using s − (1−β₂)g²/(c₂s) = (β₂n/c₂ + ε_root)/s. The second form has no
+    cancellation: at the first step it is exactly ε/(|g|+ε)², which autodiff
+    obtains only as a difference of O(1) terms. Where s = 0 (g = n = 0) the
+    1/s terms are taken at their limit 0.
     """
     b1, b2, eps, eps_root, nesterov = (
         cells["b1"], cells["b2"], cells["eps"], cells["eps_root"], cells["nesterov"]
@@ -308,19 +315,15 @@ def _adam_rule(cells):
         def leaf(gi, mi, ni, wi):
             dt = gi.dtype
             c1, c2 = _bias(b1, t, dt), _bias(b2, t, dt)
-            m_new = (1 - b1) * gi + b1 * mi
-            n_new = (1 - b2) * gi**2 + b2 * ni
             if nesterov:
                 c1n = _bias(b1, optax.safe_increment(t), dt)
-                m_hat = b1 * (m_new / c1n) + (1 - b1) * (gi / c1)
-                a = b1 * (1 - b1) / c1n + (1 - b1) / c1
+                a, b = b1 * (1 - b1) / c1n + (1 - b1) / c1, b1 * b1 / c1n
             else:
-                m_hat = m_new / c1
-                a = (1 - b1) / c1
-            s = jnp.sqrt(n_new / c2 + eps_root)
-            g_over_s = jnp.where(s > 0, gi / jnp.where(s > 0, s, 1), 0)
-            jac = (a * (s + eps) - m_hat * (1 - b2) * g_over_s / c2) / (s + eps) ** 2
-            return (jac * wi).astype(wi.dtype)
+                a, b = (1 - b1) / c1, b1 / c1
+            s = jnp.sqrt(((1 - b2) * gi**2 + b2 * ni) / c2 + eps_root)
+            inv_s = jnp.where(s > 0, 1 / jnp.where(s > 0, s, 1), 0)
+            numer = a * eps + (a * (b2 * ni / c2 + eps_root) - b * mi * (1 - b2) * gi / c2) * inv_s
+            return (numer / (s + eps) ** 2 * wi).astype(wi.dtype)
 
         return jax.tree.map(leaf, g, state.mu, state.nu, w)
 
@@ -331,7 +334,7 @@ def _rms_rule(cells):
     r"""Jacobian of ``scale_by_rms``: n' = ρn + (1−ρ)g², n̂ = n'/c (c = 1−ρᵗ or 1).
 
     eps in sqrt: ``g/√(n̂+ε)`` → ``(ρn/c + ε)/(n̂+ε)^{3/2}``;
-    otherwise ``g/(√n̂+ε)`` → ``[(√n̂+ε) − (1−ρ)g²/(c√n̂)]/(√n̂+ε)²``.
+    otherwise ``g/(√n̂+ε)`` → ``[(√n̂+ε) − (1−ρ)g²/(c√n̂)]/(√n̂+ε)² = [ε + ρn/(c√n̂)]/(√n̂+ε)²``.
     """
     decay, eps, bias_corr, in_sqrt = (
         cells["decay"], cells["eps"], cells["bias_correction"], cells["eps_in_sqrt"]
@@ -346,10 +349,10 @@ def _rms_rule(cells):
             if in_sqrt:
                 jac = (decay * ni / c + eps) / (n_hat + eps) ** 1.5
             else:
+                # (r+ε) − (1−ρ)g²/(c·r) = ε + (ρn/c)/r: no cancellation.
                 r = jnp.sqrt(n_hat)
-                safe_r = jnp.where(r > 0, r, 1)
-                second = jnp.where(r > 0, (1 - decay) * gi**2 / (c * safe_r), 0)
-                jac = ((r + eps) - second) / (r + eps) ** 2
+                inv_r = jnp.where(r > 0, 1 / jnp.where(r > 0, r, 1), 0)
+                jac = (eps + decay * ni / c * inv_r) / (r + eps) ** 2
             return (jac * wi).astype(wi.dtype)
 
         return jax.tree.map(leaf, g, state.nu, w)

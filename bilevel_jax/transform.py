@@ -21,6 +21,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental import io_callback
 
 from bilevel_jax import _checks
 from bilevel_jax.hypergrad.base import BilevelInputs, BilevelProblem, HypergradMethod, Loss
@@ -39,20 +40,22 @@ class MetaGradState(NamedTuple):
       nonfinite_count: meta steps whose hypergradient was not finite (and was dropped).
       method_state: the hypergradient method's own state.
       meta_loss: the meta loss at the last meta step.
+      info: the method's diagnostics at the last meta step (SAMA: ``eps``, ``v_norm``).
     """
 
     count: jax.Array
     nonfinite_count: jax.Array
     method_state: PyTree
     meta_loss: jax.Array
+    info: dict
 
 
-def _raise_nonfinite(finite, meta_grad):
+def _raise_nonfinite(finite, meta_grad) -> None:
     if not bool(finite):
         bad = _checks.nonfinite_leaves(meta_grad)
         raise FloatingPointError(
             "bilevel_jax.meta_grad: the hypergradient is not finite "
-            f"(non-finite leaves: {', '.join(bad) or 'in the base step along v'}). "
+            f"(non-finite leaves of the meta-gradient: {', '.join(bad) or 'none; the base step along v is'}). "
             "Check the losses for NaN/inf, lower the learning rates or alpha, or pass "
             "on_nonfinite='skip' to drop such meta steps and count them instead."
         )
@@ -81,7 +84,8 @@ def meta_grad(
       on_nonfinite: a non-finite hypergradient is never passed on: the updates
         are left unchanged and ``nonfinite_count`` grows. With ``"raise"`` (default)
         the call also raises ``FloatingPointError`` naming the bad leaves (under
-        ``jit`` it surfaces as a runtime error carrying that message).
+        ``jit`` it surfaces as a runtime error carrying that message; the host
+        callback runs only when a value is non-finite). ``"skip"`` only counts.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; compose it with ``optax.chain``.
@@ -89,6 +93,13 @@ def meta_grad(
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     method = sama() if method is None else method
+    if getattr(method, "base_step", False):
+        raise ValueError(
+            f"{method.name} with base_step=True takes a step on the base parameters, which an "
+            "optax transform of the meta parameters cannot apply. Call the method's hypergrad "
+            "(or bilevel_jax.sama_hypergrad) directly and apply Hypergrad.base_update to θ."
+        )
+    info_keys = tuple(getattr(method, "info_keys", ()))
     problem = BilevelProblem(base_loss, meta_loss, base_tx)
 
     def init_fn(params):
@@ -97,6 +108,7 @@ def meta_grad(
             nonfinite_count=jnp.zeros([], jnp.int32),
             method_state=method.init(None, params),
             meta_loss=jnp.zeros([], jnp.float32),
+            info={k: jnp.zeros([], jnp.float32) for k in info_keys},
         )
 
     def update_fn(
@@ -134,8 +146,14 @@ def meta_grad(
             base_params, params, base_opt_state, base_batch, meta_batch, last_grad, last_opt_state
         )
         result, method_state = method.hypergrad(problem, inputs, state.method_state)
-        if on_nonfinite == "raise":
-            jax.debug.callback(_raise_nonfinite, result.finite, result.meta_grad)
+        if on_nonfinite == "raise":  # the host callback only runs on the non-finite branch
+            # io_callback (unlike jax.debug.callback) propagates the exception to the caller
+            jax.lax.cond(
+                result.finite,
+                lambda mg: None,
+                lambda mg: io_callback(_raise_nonfinite, None, result.finite, mg),
+                result.meta_grad,
+            )
         new_updates = jax.tree.map(
             lambda u, h: jnp.where(result.finite, u + h.astype(u.dtype), u),
             updates,
@@ -148,6 +166,7 @@ def meta_grad(
                 lambda new, old: jnp.where(result.finite, new, old), method_state, state.method_state
             ),
             meta_loss=jnp.asarray(result.meta_loss, jnp.float32),
+            info={k: jnp.asarray(result.info[k], jnp.float32) for k in info_keys},
         )
         return new_updates, new_state
 

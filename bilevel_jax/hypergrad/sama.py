@@ -134,7 +134,7 @@ def sama_hypergrad(
         v = d
 
     v_norm = _global_norm(v)
-    nonzero = v_norm > 0
+    nonzero = v_norm != 0  # NaN counts as nonzero so that it propagates and is flagged
     eps = jnp.where(nonzero, alpha / jnp.where(nonzero, v_norm, 1.0), 0.0)
 
     grad_meta = jax.grad(base_loss, argnums=1)
@@ -150,8 +150,10 @@ def sama_hypergrad(
     else:
         g_plus, g_minus = grad_at(1.0), grad_at(-1.0)
 
+    # ‖v‖ = 0 means d = 0 or J_uᵀd = 0: the finite-difference term is exactly zero (the two
+    # evaluations coincide mathematically, but batched kernels may round them differently).
     denom = jnp.where(nonzero, 2.0 * eps, 1.0)
-    h = jax.tree.map(lambda a, b: -(a - b) / denom, g_plus, g_minus)
+    h = jax.tree.map(lambda a, b: jnp.where(nonzero, -(a - b) / denom, 0.0), g_plus, g_minus)
 
     def combine(hi, di, lam):
         out = hi + _wide(di) if direct else hi
@@ -186,6 +188,7 @@ class SAMA:
     difference: Literal["vmap", "sequential"] = "vmap"
     base_step: bool = False
     name: str = "sama"
+    info_keys = ("eps", "v_norm")
 
     def init(self, base_params: PyTree, meta_params: PyTree) -> optax.EmptyState:
         """SAMA keeps no state across meta steps."""
