@@ -68,6 +68,7 @@ def meta_grad(
     method: HypergradMethod | None = None,
     *,
     on_nonfinite: Literal["raise", "skip"] = "raise",
+    base_params: PyTree | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""An optax transform that adds the hypergradient of a bilevel problem to the updates.
 
@@ -86,6 +87,8 @@ def meta_grad(
         the call also raises ``FloatingPointError`` naming the bad leaves (under
         ``jit`` it surfaces as a runtime error carrying that message; the host
         callback runs only when a value is non-finite). ``"skip"`` only counts.
+      base_params: θ, or a template with its shapes and dtypes; needed only by methods
+        whose state is shaped like θ (``soba()``, ``cg(warm_start=True)``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; compose it with ``optax.chain``.
@@ -101,12 +104,13 @@ def meta_grad(
         )
     info_keys = tuple(getattr(method, "info_keys", ()))
     problem = BilevelProblem(base_loss, meta_loss, base_tx)
+    template = base_params
 
     def init_fn(params):
         return MetaGradState(
             count=jnp.zeros([], jnp.int32),
             nonfinite_count=jnp.zeros([], jnp.int32),
-            method_state=method.init(None, params),
+            method_state=method.init(template, params),
             meta_loss=jnp.zeros([], jnp.float32),
             info={k: jnp.zeros([], jnp.float32) for k in info_keys},
         )

@@ -1,4 +1,20 @@
-"""Hypergradient methods behind one interface (see :mod:`bilevel_jax.hypergrad.base`)."""
+"""Hypergradient methods behind one interface (see :mod:`bilevel_jax.hypergrad.base`).
+
+=====================  ===================================================  ======================
+method                 hypergradient                                         state across steps
+=====================  ===================================================  ======================
+``sama()``             first-order, adapted to the optimizer (Choe 2023)    none
+``sama_na()``          SAMA without adaptation                              none
+``darts()``            SAMA-NA with α = 0.01 (T1–T2, Betty's ``darts``)      none
+``darts_second_order`` DARTS virtual step (Liu et al. 2019)                  none
+``neumann(k, eta)``    implicit, Neumann series (Lorraine et al. 2020)      none
+``cg(k)``              implicit, conjugate gradient                          optional warm start
+``exact()``            implicit, dense Hessian + direct solve                none
+``itd(unroll)``        reverse mode through K optax steps                    none
+``dds()``              reverse mode through one optax step                   none
+``soba(rho)``          single-loop z ≈ −H⁻¹d (Dagréou et al. 2022)            z, count
+=====================  ===================================================  ======================
+"""
 
 from bilevel_jax.hypergrad.base import (
     BilevelInputs,
@@ -6,15 +22,33 @@ from bilevel_jax.hypergrad.base import (
     Hypergrad,
     HypergradMethod,
 )
+from bilevel_jax.hypergrad.darts import DartsSecondOrder, darts, darts_second_order
+from bilevel_jax.hypergrad.implicit import Implicit, ImplicitState, cg, exact, neumann
 from bilevel_jax.hypergrad.sama import SAMA, sama, sama_hypergrad, sama_na
+from bilevel_jax.hypergrad.soba import SOBA, SobaState, soba
+from bilevel_jax.hypergrad.unrolled import Unrolled, dds, itd
 
 __all__ = [
     "BilevelInputs",
     "BilevelProblem",
+    "DartsSecondOrder",
     "Hypergrad",
     "HypergradMethod",
+    "Implicit",
+    "ImplicitState",
     "SAMA",
+    "SOBA",
+    "SobaState",
+    "Unrolled",
+    "cg",
+    "darts",
+    "darts_second_order",
+    "dds",
+    "exact",
+    "itd",
+    "neumann",
     "sama",
     "sama_hypergrad",
     "sama_na",
+    "soba",
 ]

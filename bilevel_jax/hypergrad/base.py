@@ -97,3 +97,91 @@ def all_finite(*trees: PyTree) -> jax.Array:
     if not leaves:
         return jnp.asarray(True)
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _wide(x: jax.Array) -> jax.Array:
+    """Cast to float32 or wider (bf16/f16 → f32; f32/f64 unchanged)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def check_problem(problem: BilevelProblem, inputs: BilevelInputs) -> None:
+    """Trace-time checks shared by all methods: scalar losses and a matching optimizer state."""
+    from bilevel_jax import _checks
+
+    _checks.scalar_loss(
+        problem.base_loss, "base_loss", inputs.base_params, inputs.meta_params, inputs.base_batch
+    )
+    _checks.scalar_loss(
+        problem.meta_loss, "meta_loss", inputs.base_params, inputs.meta_params, inputs.meta_batch
+    )
+    _checks.opt_state_matches(problem.base_tx, inputs.base_opt_state, inputs.base_params)
+
+
+def meta_value_and_grads(problem: BilevelProblem, inputs: BilevelInputs):
+    """``(L_m, d = ∇_θ L_m, ∇_λ L_m)`` at the current θ on the meta batch."""
+    value, (d, direct) = jax.value_and_grad(problem.meta_loss, argnums=(0, 1))(
+        inputs.base_params, inputs.meta_params, inputs.meta_batch
+    )
+    return value, d, direct
+
+
+def mixed_product(problem: BilevelProblem, inputs: BilevelInputs, p: PyTree) -> PyTree:
+    r"""``(∂²L_b/∂λ∂θ) p = ∂/∂t ∇_λ L_b(θ + t p, λ; B)|_{t=0}`` by forward-over-reverse."""
+    grad_meta = jax.grad(problem.base_loss, argnums=1)
+    return jax.jvp(
+        lambda th: grad_meta(th, inputs.meta_params, inputs.base_batch),
+        (inputs.base_params,),
+        (p,),
+    )[1]
+
+
+def base_hvp(problem: BilevelProblem, inputs: BilevelInputs):
+    """The matvec ``v ↦ ∇²_θ L_b(θ, λ; B) v`` (forward-over-reverse)."""
+    grad_base = jax.grad(problem.base_loss)
+
+    def matvec(v):
+        return jax.jvp(
+            lambda th: grad_base(th, inputs.meta_params, inputs.base_batch),
+            (inputs.base_params,),
+            (v,),
+        )[1]
+
+    return matvec
+
+
+def assemble(
+    meta_params: PyTree,
+    direct: PyTree | None,
+    h: PyTree,
+    meta_loss: jax.Array,
+    *,
+    base_update: PyTree | None = None,
+    info: dict | None = None,
+) -> Hypergrad:
+    """``Hypergrad`` with ``meta_grad = ∇_λ L_m + h`` in λ's dtype (sum in float32 or wider)."""
+
+    def combine(hi, lam, di=None):
+        out = _wide(hi) if di is None else _wide(hi) + _wide(di)
+        return out.astype(lam.dtype)
+
+    if direct is None:
+        meta_grad = jax.tree.map(combine, h, meta_params)
+    else:
+        meta_grad = jax.tree.map(combine, h, meta_params, direct)
+    return Hypergrad(
+        meta_grad=meta_grad,
+        base_update=base_update,
+        meta_loss=meta_loss,
+        finite=all_finite(meta_grad, base_update),
+        info=info or {},
+    )
+
+
+def needs_base_params(method_name: str, base_params: PyTree | None) -> None:
+    """Raise a clear error when a method with θ-shaped state is initialised without θ."""
+    if base_params is None:
+        raise ValueError(
+            f"{method_name} keeps θ-shaped state across meta steps, so it needs the base "
+            "parameters (or a template of them) at init: method.init(base_params, meta_params), "
+            "or bilevel_jax.meta_grad(..., base_params=θ)."
+        )

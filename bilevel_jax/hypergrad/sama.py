@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bilevel_jax import _checks
 from bilevel_jax.adaptation import adapt as _adapt
 from bilevel_jax.hypergrad.base import (
     BilevelInputs,
@@ -35,15 +34,13 @@ from bilevel_jax.hypergrad.base import (
     Hypergrad,
     Loss,
     PyTree,
-    all_finite,
+    _wide,
+    assemble,
+    check_problem,
+    meta_value_and_grads,
 )
 
 __all__ = ["SAMA", "sama", "sama_na", "sama_hypergrad"]
-
-
-def _wide(x: jax.Array) -> jax.Array:
-    """Cast to float32 or wider (bf16/f16 → f32; f32/f64 unchanged)."""
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _global_norm(tree: PyTree) -> jax.Array:
@@ -111,12 +108,10 @@ def sama_hypergrad(
         raise ValueError(f"adapt_from must be 'fresh' or 'last', got {adapt_from!r}")
     if not isinstance(alpha, jax.Array) and not alpha > 0:
         raise ValueError(f"alpha must be positive, got {alpha!r}")
-    _checks.scalar_loss(base_loss, "base_loss", base_params, meta_params, base_batch)
-    _checks.scalar_loss(meta_loss, "meta_loss", base_params, meta_params, meta_batch)
-
-    meta_val, (d, direct_grad) = jax.value_and_grad(meta_loss, argnums=(0, 1))(
-        base_params, meta_params, meta_batch
-    )
+    problem = BilevelProblem(base_loss, meta_loss, base_tx)
+    inputs = BilevelInputs(base_params, meta_params, base_opt_state, base_batch, meta_batch)
+    check_problem(problem, inputs)
+    meta_val, d, direct_grad = meta_value_and_grads(problem, inputs)
 
     if adapt:
         if adapt_from == "last":
@@ -130,7 +125,6 @@ def sama_hypergrad(
             g, s = jax.grad(base_loss)(base_params, meta_params, base_batch), base_opt_state
         v = _adapt(base_tx, d, grads=g, state=s, params=base_params)
     else:
-        _checks.opt_state_matches(base_tx, base_opt_state, base_params)
         v = d
 
     v_norm = _global_norm(v)
@@ -154,18 +148,13 @@ def sama_hypergrad(
     # evaluations coincide mathematically, but batched kernels may round them differently).
     denom = jnp.where(nonzero, 2.0 * eps, 1.0)
     h = jax.tree.map(lambda a, b: jnp.where(nonzero, -(a - b) / denom, 0.0), g_plus, g_minus)
-
-    def combine(hi, di, lam):
-        out = hi + _wide(di) if direct else hi
-        return out.astype(lam.dtype)
-
-    meta_grad = jax.tree.map(combine, h, direct_grad, meta_params)
     base_update = jax.tree.map(lambda vi, t: (-eps * _wide(vi)).astype(t.dtype), v, base_params)
-    return Hypergrad(
-        meta_grad=meta_grad,
+    return assemble(
+        meta_params,
+        direct_grad if direct else None,
+        h,
+        meta_val,
         base_update=base_update,
-        meta_loss=meta_val,
-        finite=all_finite(meta_grad, base_update),
         info={"eps": eps, "v_norm": v_norm},
     )
 

@@ -1,0 +1,86 @@
+r"""DARTS hypergradients: the T1–T2 finite difference and the second-order virtual step.
+
+Reference: H. Liu, K. Simonyan, Y. Yang, "DARTS: Differentiable Architecture Search",
+ICLR 2019, eqs. (6)–(8); Betty's ``darts`` (Choe et al. 2023).
+
+- :func:`darts` is Betty's ``darts``: SAMA-NA with α = 0.01, i.e.
+  ``h = −[∇_λL_b(θ+εd) − ∇_λL_b(θ−εd)]/(2ε)``, ``ε = α/‖d‖`` (T1–T2 with the
+  identity in place of H⁻¹).
+- :func:`darts_second_order` is the original DARTS: a virtual SGD step
+  ``θ' = θ − ξ∇_θL_b(θ, λ)``, ``d' = ∇_θL_m(θ', λ)``, ``ε = α/‖d'‖`` and
+
+      dL_m/dλ ≈ ∇_λL_m(θ', λ) − ξ [∇_λL_b(θ+εd', λ) − ∇_λL_b(θ−εd', λ)] / (2ε).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bilevel_jax.hypergrad.base import (
+    BilevelInputs,
+    BilevelProblem,
+    Hypergrad,
+    PyTree,
+    _wide,
+    assemble,
+    check_problem,
+)
+from bilevel_jax.hypergrad.sama import SAMA
+
+__all__ = ["DartsSecondOrder", "darts", "darts_second_order"]
+
+
+def darts(alpha: float = 0.01) -> SAMA:
+    """Betty's DARTS / T1–T2: SAMA-NA with a small finite-difference radius α = 0.01."""
+    return SAMA(alpha, False, "fresh", "vmap", False, "darts")
+
+
+@dataclasses.dataclass(frozen=True)
+class DartsSecondOrder:
+    """Original DARTS with a virtual SGD step of size ξ (see the module docstring)."""
+
+    xi: float
+    alpha: float = 0.01
+    name: str = "darts2"
+    info_keys = ("eps",)
+
+    def init(self, base_params: PyTree, meta_params: PyTree) -> optax.EmptyState:
+        """Stateless."""
+        del base_params, meta_params
+        return optax.EmptyState()
+
+    def hypergrad(
+        self, problem: BilevelProblem, inputs: BilevelInputs, state: PyTree
+    ) -> tuple[Hypergrad, PyTree]:
+        """Virtual step, meta gradient at θ', central difference of ∇_λ L_b along d' at θ."""
+        check_problem(problem, inputs)
+        theta, lam, batch = inputs.base_params, inputs.meta_params, inputs.base_batch
+        g = jax.grad(problem.base_loss)(theta, lam, batch)
+        virtual = jax.tree.map(lambda t, gi: t - self.xi * gi, theta, g)
+        meta_val, (d, direct) = jax.value_and_grad(problem.meta_loss, argnums=(0, 1))(
+            virtual, lam, inputs.meta_batch
+        )
+        norm = jnp.sqrt(sum(jnp.sum(_wide(x) ** 2) for x in jax.tree.leaves(d)))
+        nonzero = norm != 0
+        eps = jnp.where(nonzero, self.alpha / jnp.where(nonzero, norm, 1.0), 0.0)
+        grad_meta = jax.grad(problem.base_loss, argnums=1)
+
+        def at(sign):
+            shifted = jax.tree.map(lambda t, di: _wide(t) + sign * eps * _wide(di), theta, d)
+            return jax.tree.map(_wide, grad_meta(shifted, lam, batch))
+
+        plus, minus = at(1.0), at(-1.0)
+        denom = jnp.where(nonzero, 2.0 * eps, 1.0)
+        h = jax.tree.map(
+            lambda a, b: jnp.where(nonzero, -self.xi * (a - b) / denom, 0.0), plus, minus
+        )
+        return assemble(lam, direct, h, meta_val, info={"eps": eps}), state
+
+
+def darts_second_order(xi: float, alpha: float = 0.01) -> DartsSecondOrder:
+    """Original second-order DARTS with virtual step ξ (usually the base learning rate)."""
+    return DartsSecondOrder(xi, alpha, "darts2")
