@@ -5,7 +5,7 @@ Practical", NeurIPS 2023): first-order meta-gradients adapted to the base
 optax optimizer through an analytic adaptation matrix.
 """
 
-from bilevel_jax import adaptation
+from bilevel_jax import adaptation, implicit_diff, linalg
 from bilevel_jax._checks import BilevelInputError
 from bilevel_jax.adaptation import AdaptationError, UnsupportedTransformError, adapt, describe
 from bilevel_jax.hypergrad import (
@@ -26,6 +26,7 @@ from bilevel_jax.hypergrad import (
     sama_na,
     soba,
 )
+from bilevel_jax.implicit_diff import custom_fixed_point, custom_root
 from bilevel_jax.transform import MetaGradState, meta_grad
 
 __version__ = "0.1.0"
@@ -43,12 +44,16 @@ __all__ = [
     "adapt",
     "adaptation",
     "cg",
+    "custom_fixed_point",
+    "custom_root",
     "darts",
     "darts_second_order",
     "dds",
     "describe",
     "exact",
+    "implicit_diff",
     "itd",
+    "linalg",
     "meta_grad",
     "neumann",
     "sama",
