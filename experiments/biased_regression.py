@@ -1,4 +1,4 @@
-r"""Biased regression: SAMA against the closed-form meta-gradient (Choe et al. 2023, appendix E).
+r"""Biased regression: every hypergradient method against the closed form (Choe et al. 2023, app. E).
 
 Reference: S. K. Choe, S. V. Mehta, H. Ahn, W. Neiswanger, P. Xie, E. Strubell, E. Xing,
 "Making Scalable Meta Learning Practical", NeurIPS 2023, appendix E (biased regression).
@@ -26,31 +26,61 @@ Closed forms, with ``A = XᵀX + βI``::
 
 Training: w is trained by plain SGD (``optax.sgd(base_lr)``, full batch), warm-started across meta
 steps (never reset), with ``K`` base steps between meta steps. λ is trained by
-``optax.chain(bj.meta_grad(L_b, L_m, sgd, method), optax.adam(meta_lr))`` for SAMA
-(``bj.sama()``) and SAMA-NA (``bj.sama_na()``). Each run is one jitted ``lax.scan`` over meta steps
-with an inner ``lax.scan`` over base steps.
+``optax.chain(bj.meta_grad(L_b, L_m, sgd, method, base_params=w_0), optax.adam(meta_lr))`` for
+every method of the library (:data:`METHODS`). Each run is one jitted ``lax.scan`` over meta
+steps with an inner ``lax.scan`` over base steps.
 
 Defaults (:class:`Config`): n = 500, d = 50, σ = 0.5, β = 0.1, seed 0; SGD lr 0.4 (the base Hessian
-2A/n has eigenvalues ≈ 0.94…3.5, so SGD contracts by ≈ 0.6 per step), K = 20 base steps (w stays
+H = 2A/n has eigenvalues 0.97…3.45, so SGD contracts by ≈ 0.61 per step), K = 20 base steps (w stays
 within ~1e-5 relative of w*(λ_t)); 100 meta steps of Adam(lr = 10) from λ_0 = 0, w_0 = 0; α = 1.
 The meta objective is badly scaled: λ only moves w through βA⁻¹ (≈ 2e-4·I), so the meta-gradient
 is ~1e-4 while λ* has norm ~1e3. Adam's scale invariance absorbs this; its lr is in λ's units.
 
+Method settings (the step sizes are computed from the spectrum of H, written to the JSON):
+
+* ``sama`` / ``sama_na``: ``bj.sama(α)`` / ``bj.sama_na(α)``, α = 1; ``darts``: ``bj.darts()``
+  (SAMA-NA with α = 0.01);
+* ``neumann``: ``bj.neumann(k=10, eta=1/λ_max(H))`` (needs η < 2/λ_max; the error factor is
+  (1 − λ_min/λ_max)^{k+1} ≈ 0.03);
+* ``cg``: ``bj.cg(50)`` (50 = d, enough for CG in exact arithmetic; tol 1e-10 stops it earlier);
+* ``exact``: ``bj.exact()`` (dense H from d vmapped HVPs, direct solve);
+* ``itd``: ``bj.itd(unroll=5)`` through 5 SGD steps from the current w (a short unroll: w₀ is
+  treated as constant, so this is a 4-term Neumann series with η = base_lr, error ≈ 0.61⁵);
+* ``soba``: ``bj.soba(rho=1/λ_max(H))``, z warm-started across meta steps (one HVP per step);
+* ``dds``: ``bj.dds()``, one step of the base optimizer (SGD, lr 0.4).
+
 Recorded at every meta step t (λ_t is the meta parameter *before* update t):
 
-* ``cos[t]``  — cosine between the method's hypergradient at (w_t, λ_t) (``bj.sama_hypergrad`` with
-  the transform's arguments) and the closed-form meta-gradient at w*(λ_t);
+* ``cos[t]``  — cosine between the method's hypergradient at (w_t, λ_t) (``method.hypergrad`` with
+  the transform's inputs and the transform's own method state) and the closed-form meta-gradient
+  at w*(λ_t);
 * ``dist[t]`` — ‖λ_t − λ*‖ for t = 0..T (T+1 entries; ``dist_ratio = dist[T]/dist[0]``).
 
 The run also checks that the gradient Adam actually consumed (recovered from its first moment,
 ``g = (μ_t − b1 μ_{t−1})/(1 − b1)``) equals that hypergradient (``chain_grad_relerr``).
 
+Cost (DESIGN §6), per method, on the same inputs (λ = 0, w = w*(0), fresh SGD state, fresh method
+state): ``f = jax.jit(lambda ...: method.hypergrad(problem, inputs, state))`` — one meta step's
+hypergradient. ``time_ratio_vs_sama`` is the median wall time of ``timing_calls`` calls (after
+``timing_warmup`` warm-up calls, each call ``block_until_ready``; the methods are interleaved call
+by call, garbage collector off) over SAMA's median; ``temp_bytes`` is
+``f.lower(*args).compile().memory_analysis().temp_size_in_bytes`` (deterministic). (XLA's
+``cost_analysis()["flops"]`` is not reported: it counts a while-loop body once, so it hides the
+iterations of Neumann, CG and ITD.) The calls take tens to hundreds of µs,
+so the time ratios are dominated by dispatch and per-op overhead and vary by tens of percent
+between processes on a shared CPU; the order of the methods is stable.
+
 What to expect: L_b is quadratic in w, so SAMA's central difference is exact and its estimate is
 ``(2β/n) v`` with ``v = J_u(g)ᵀ ∇_w L_m``. For SGD the adaptation is ``J_u = base_lr · I``, so SAMA
 returns ``(2β·base_lr/n) ∇_w L_m(w)``: implicit differentiation with A⁻¹ replaced by a multiple of
-I. SAMA-NA (``v = ∇_w L_m``) is the same vector divided by base_lr, so under SGD both have the *same
-cosine* (up to rounding) and, because Adam is nearly scale invariant, nearly the same trajectory.
-The cosine is therefore a measure of how isotropic A is along ∇_w L_m.
+I. SAMA-NA and DARTS (``v = ∇_w L_m``) are the same vector divided by base_lr, so under SGD they
+have the *same cosine* (up to rounding) and, because Adam is nearly scale invariant, nearly the
+same trajectory; DDS is the same direction evaluated one SGD step ahead. For all four the cosine
+measures how isotropic A is along ∇_w L_m (≈ 0.95 here). Exact and CG solve H p = d (1 − cos ≈
+1e-12 after the first step); Neumann and ITD truncate the series (1 − cos ≈ 1e-5 and 2e-4). SOBA's
+z takes one contraction step (factor ≤ 1 − λ_min/λ_max ≈ 0.72) per meta step, so it lags when λ
+moves fast: with Adam lr 10, λ oscillates around λ* late in the run, d turns quickly and the stale
+z can even point the wrong way (cos < 0 at a few steps); with Adam lr 3 its cos_mean is ≈ 0.998.
 
 Run::
 
@@ -61,6 +91,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import sys
@@ -75,8 +106,10 @@ import optax
 from jax import lax
 
 import bilevel_jax as bj
+from bilevel_jax.hypergrad import BilevelInputs, BilevelProblem
 
 __all__ = [
+    "METHODS",
     "Config",
     "make_data",
     "make_losses",
@@ -84,10 +117,16 @@ __all__ = [
     "closed_form_meta_grad",
     "meta_objective",
     "solve_lambda_star",
+    "base_hessian_eigs",
+    "make_methods",
     "run_method",
+    "measure_cost",
     "run_experiment",
     "main",
 ]
+
+#: Every method of the study, in the order of the table (SAMA first: the time reference).
+METHODS = ("sama", "sama_na", "darts", "neumann", "cg", "exact", "itd", "soba", "dds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +148,15 @@ class Config:
     meta_b2: float = 0.999
     meta_eps: float = 1e-8
     alpha: float = 1.0  # SAMA's ε = α/‖v‖ (the paper's default)
+    # Method settings. Neumann's η and SOBA's ρ are step_frac/λ_max(H), H = 2A/n (needs < 2/λ_max).
+    darts_alpha: float = 0.01
+    neumann_k: int = 10
+    cg_k: int = 50
+    itd_unroll: int = 5
+    step_frac: float = 1.0
+    # Cost measurement (DESIGN §6).
+    timing_calls: int = 300
+    timing_warmup: int = 10
 
 
 # ----------------------------------------------------------------------------- problem
@@ -176,6 +224,32 @@ def solve_lambda_star(x, y, xm, ym, beta) -> np.ndarray:
     return lam
 
 
+def base_hessian_eigs(x, beta) -> tuple[float, float]:
+    """(λ_min, λ_max) of the base Hessian ∇²_w L_b = 2A/n (float64 numpy)."""
+    x = np.asarray(x, np.float64)
+    ev = np.linalg.eigvalsh(2.0 * (x.T @ x + beta * np.eye(x.shape[1])) / x.shape[0])
+    return float(ev[0]), float(ev[-1])
+
+
+def make_methods(cfg: Config, lam_max: float) -> dict[str, tuple[Any, str]]:
+    """``{name: (method, description)}`` for every name in :data:`METHODS`."""
+    step = cfg.step_frac / lam_max
+    return {
+        "sama": (bj.sama(cfg.alpha), f"bj.sama(alpha={cfg.alpha})"),
+        "sama_na": (bj.sama_na(cfg.alpha), f"bj.sama_na(alpha={cfg.alpha})"),
+        "darts": (bj.darts(cfg.darts_alpha), f"bj.darts(alpha={cfg.darts_alpha})"),
+        "neumann": (
+            bj.neumann(cfg.neumann_k, step),
+            f"bj.neumann(k={cfg.neumann_k}, eta={step:.4g})  # eta = {cfg.step_frac}/lambda_max(H)",
+        ),
+        "cg": (bj.cg(cfg.cg_k), f"bj.cg(k={cfg.cg_k})  # tol 1e-10, no damping, cold start"),
+        "exact": (bj.exact(), "bj.exact()  # dense H, direct solve"),
+        "itd": (bj.itd(cfg.itd_unroll), f"bj.itd(unroll={cfg.itd_unroll})  # SGD lr {cfg.base_lr}"),
+        "soba": (bj.soba(step), f"bj.soba(rho={step:.4g})  # rho = {cfg.step_frac}/lambda_max(H)"),
+        "dds": (bj.dds(), f"bj.dds()  # one SGD step, lr {cfg.base_lr}"),
+    }
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -184,11 +258,14 @@ def _cos(a, b):
 
 
 @partial(jax.jit, static_argnames=("cfg", "method"))
-def _run_scan(cfg: Config, method: bj.SAMA, x, y, xm, ym, lam_star):
+def _run_scan(cfg: Config, method, x, y, xm, ym, lam_star):
     base_loss, meta_loss = make_losses(cfg.beta)
     base_tx = optax.sgd(cfg.base_lr)
+    problem = BilevelProblem(base_loss, meta_loss, base_tx)
+    w0 = jnp.zeros(x.shape[1], x.dtype)
+    lam0 = jnp.zeros(x.shape[1], x.dtype)
     meta_tx = optax.chain(
-        bj.meta_grad(base_loss, meta_loss, base_tx, method),
+        bj.meta_grad(base_loss, meta_loss, base_tx, method, base_params=w0),
         optax.adam(cfg.meta_lr, b1=cfg.meta_b1, b2=cfg.meta_b2, eps=cfg.meta_eps),
     )
     base_batch, meta_batch = (x, y), (xm, ym)
@@ -211,21 +288,9 @@ def _run_scan(cfg: Config, method: bj.SAMA, x, y, xm, ym, lam_star):
     def meta_step(carry, _):
         w, s, lam, ms = carry
         (w, s, _), _ = lax.scan(base_step, (w, s, lam), None, length=cfg.base_steps)
-        # The hypergradient the transform computes (same arguments, same method settings).
-        hg = bj.sama_hypergrad(
-            base_loss,
-            meta_loss,
-            base_params=w,
-            meta_params=lam,
-            base_tx=base_tx,
-            base_opt_state=s,
-            base_batch=base_batch,
-            meta_batch=meta_batch,
-            alpha=method.alpha,
-            adapt=method.adapt,
-            adapt_from=method.adapt_from,
-            difference=method.difference,
-        ).meta_grad
+        # The hypergradient the transform computes: same inputs, the transform's method state.
+        inputs = BilevelInputs(w, lam, s, base_batch, meta_batch)
+        hg = method.hypergrad(problem, inputs, ms[0].method_state)[0].meta_grad
         tg = true_grad(lam)
         mu_old = optax.tree_utils.tree_get(ms, "mu")
         upd, ms = meta_tx.update(
@@ -251,8 +316,6 @@ def _run_scan(cfg: Config, method: bj.SAMA, x, y, xm, ym, lam_star):
         lam = optax.apply_updates(lam, upd)
         return (w, s, lam, ms), rec
 
-    w0 = jnp.zeros(x.shape[1], x.dtype)
-    lam0 = jnp.zeros(x.shape[1], x.dtype)
     carry = (w0, base_tx.init(w0), lam0, meta_tx.init(lam0))
     (w, _, lam, ms), rec = lax.scan(meta_step, carry, None, length=cfg.meta_steps)
     rec["dist"] = jnp.concatenate([rec["dist"], jnp.linalg.norm(lam - lam_star)[None]])
@@ -260,7 +323,7 @@ def _run_scan(cfg: Config, method: bj.SAMA, x, y, xm, ym, lam_star):
     return lam, rec
 
 
-def run_method(cfg: Config, method: bj.SAMA, data: dict, lam_star: np.ndarray) -> dict[str, Any]:
+def run_method(cfg: Config, method, data: dict, lam_star: np.ndarray) -> dict[str, Any]:
     """One full run (jitted scan); must be called with x64 enabled. Returns the JSON entry."""
     args = [jnp.asarray(data[k], jnp.float64) for k in ("x", "y", "xm", "ym")]
     t0 = time.perf_counter()
@@ -284,8 +347,62 @@ def run_method(cfg: Config, method: bj.SAMA, data: dict, lam_star: np.ndarray) -
     }
 
 
+# ----------------------------------------------------------------------------- cost
+
+
+def measure_cost(cfg: Config, methods: dict[str, Any], data: dict) -> dict[str, dict[str, float]]:
+    """Per method: median seconds of one jitted hypergradient call and its XLA temp bytes.
+
+    Same inputs for every method (λ = 0, w = w*(0), fresh SGD and method state). The methods are
+    timed interleaved, one call each per round, so that drift hits all of them alike. Must be
+    called with x64 enabled.
+    """
+    base_loss, meta_loss = make_losses(cfg.beta)
+    base_tx = optax.sgd(cfg.base_lr)
+    problem = BilevelProblem(base_loss, meta_loss, base_tx)
+    x, y, xm, ym = (jnp.asarray(data[k], jnp.float64) for k in ("x", "y", "xm", "ym"))
+    lam = jnp.zeros(cfg.d, jnp.float64)
+    w = closed_form_w(lam, x, y, cfg.beta)
+    s = base_tx.init(w)
+
+    fns, args, out = {}, {}, {}
+    for name, method in methods.items():
+
+        def step(w, lam, s, state, x, y, xm, ym, method=method):
+            hg, state = method.hypergrad(problem, BilevelInputs(w, lam, s, (x, y), (xm, ym)), state)
+            return hg.meta_grad, state
+
+        args[name] = (w, lam, s, method.init(w, lam), x, y, xm, ym)
+        compiled = jax.jit(step).lower(*args[name]).compile()
+        mem = compiled.memory_analysis()
+        fns[name] = compiled
+        out[name] = {
+            "temp_bytes": int(mem.temp_size_in_bytes),
+            "times": [],
+        }
+        for _ in range(cfg.timing_warmup):
+            jax.block_until_ready(compiled(*args[name]))
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # as timeit does: no collector pauses inside the timed calls
+    try:
+        for _ in range(cfg.timing_calls):
+            for name, f in fns.items():
+                t0 = time.perf_counter()
+                jax.block_until_ready(f(*args[name]))
+                out[name]["times"].append(time.perf_counter() - t0)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    for r in out.values():
+        r["step_seconds_median"] = float(np.median(r.pop("times")))
+    ref = out["sama"]["step_seconds_median"]
+    for r in out.values():
+        r["time_ratio_vs_sama"] = r["step_seconds_median"] / ref
+    return out
+
+
 def run_experiment(cfg: Config = Config()) -> dict[str, Any]:
-    """Both methods on one data set; returns the JSON-ready result. Enables x64 only inside."""
+    """Every method on one data set; returns the JSON-ready result. Enables x64 only inside."""
     with jax.enable_x64(True):
         data = make_data(cfg)
         lam_star = solve_lambda_star(data["x"], data["y"], data["xm"], data["ym"], cfg.beta)
@@ -293,19 +410,35 @@ def run_experiment(cfg: Config = Config()) -> dict[str, Any]:
         g_star = np.asarray(closed_form_meta_grad(jnp.asarray(lam_star), *xs, cfg.beta))
         g_zero = np.asarray(closed_form_meta_grad(jnp.zeros(cfg.d, jnp.float64), *xs, cfg.beta))
         opt_loss = float(meta_objective(jnp.asarray(lam_star), *xs, cfg.beta))
+        h_min, h_max = base_hessian_eigs(data["x"], cfg.beta)
+        methods = make_methods(cfg, h_max)
         out: dict[str, Any] = {}
-        for name, method in (("sama", bj.sama(cfg.alpha)), ("sama_na", bj.sama_na(cfg.alpha))):
-            out[name] = run_method(cfg, method, data, lam_star)
+        for name in METHODS:
+            out[name] = run_method(cfg, methods[name][0], data, lam_star)
             out[name]["meta_loss_optimal"] = opt_loss
+            out[name]["settings"] = methods[name][1]
+        cost = measure_cost(cfg, {k: methods[k][0] for k in METHODS}, data)
+        for name in METHODS:
+            out[name].update(cost[name])
     out["config"] = {
         **dataclasses.asdict(cfg),
         "base_optimizer": f"optax.sgd({cfg.base_lr})",
         "meta_optimizer": (
-            f"optax.chain(bj.meta_grad(..., method), optax.adam({cfg.meta_lr}, b1={cfg.meta_b1}, "
-            f"b2={cfg.meta_b2}, eps={cfg.meta_eps}))"
+            f"optax.chain(bj.meta_grad(..., method, base_params=w_0), optax.adam({cfg.meta_lr}, "
+            f"b1={cfg.meta_b1}, b2={cfg.meta_b2}, eps={cfg.meta_eps}))"
         ),
-        "methods": {"sama": "bj.sama(alpha)", "sama_na": "bj.sama_na(alpha)"},
+        "methods": {name: methods[name][1] for name in METHODS},
+        "base_hessian_eig_min": h_min,
+        "base_hessian_eig_max": h_max,
+        "neumann_eta": cfg.step_frac / h_max,
+        "soba_rho": cfg.step_frac / h_max,
         "sama_options": "adapt_from='fresh', difference='vmap', base_step=False (library defaults)",
+        "cost_measurement": (
+            "jax.jit(method.hypergrad on BilevelInputs(w*(0), 0, sgd.init, (X,y), (X',y')), "
+            "fresh method state); median of timing_calls interleaved calls after timing_warmup, "
+            "block_until_ready, gc off; temp_bytes = compiled.memory_analysis().temp_size_in_bytes"
+        ),
+        "device": f"{jax.devices()[0].platform.upper()} ({os.cpu_count()} cores)",
         "losses": "L_b = (||Xw-y||^2 + beta||w-lam||^2)/n, L_m = ||X'w-y'||^2/n' (both scaled by 1/n)",
         "init": "w_0 = 0, lam_0 = 0; full batch; w warm-started across meta steps",
         "dtype": "float64",
@@ -319,51 +452,91 @@ def run_experiment(cfg: Config = Config()) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- output
 
+_STYLE = {  # label, line style (methods with identical curves get different dashes)
+    "sama": ("SAMA", "-"),
+    "sama_na": ("SAMA-NA", "--"),
+    "darts": ("DARTS", ":"),
+    "dds": ("DDS", "-."),
+    "neumann": ("Neumann", "-"),
+    "cg": ("CG", "-"),
+    "exact": ("Exact", "--"),
+    "itd": ("ITD", "-"),
+    "soba": ("SOBA", "-"),
+}
+
 
 def write_png(result: dict[str, Any], path: str) -> None:
-    """Two panels: cosine to the closed-form meta-gradient, and ‖λ_t − λ*‖/‖λ_0 − λ*‖."""
+    """Three panels: 1 − cosine to the closed form, ‖λ_t − λ*‖/‖λ_0 − λ*‖, time ratio vs SAMA."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    styles = {"sama": ("SAMA", "-"), "sama_na": ("SAMA-NA", "--")}
-    for key, (label, ls) in styles.items():
-        r = result[key]
-        ax1.plot(np.arange(len(r["cos"])), r["cos"], ls, label=f"{label} (mean {r['cos_mean']:.3f})")
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 5))
+    colors = dict(zip(METHODS, plt.get_cmap("tab10").colors))
+    for key in METHODS:
+        label, ls = _STYLE[key]
+        r, c = result[key], colors[key]
+        one_minus = np.maximum(1.0 - np.asarray(r["cos"]), 1e-16)
+        ax1.plot(one_minus, ls, color=c, lw=1.6, label=f"{label}: cos mean {r['cos_mean']:.5f}")
         dist = np.asarray(r["dist"])
-        ax2.plot(np.arange(len(dist)), dist / dist[0], ls, label=f"{label} (final {r['dist_ratio']:.3g})")
+        ax2.plot(dist / dist[0], ls, color=c, lw=1.6)
+    ax1.set_yscale("log")
     ax1.set_xlabel("meta step")
-    ax1.set_ylabel("cosine(hypergradient, closed form)")
-    ax1.set_title("Meta-gradient direction")
-    ax1.set_ylim(min(0.0, ax1.get_ylim()[0]), 1.02)
-    ax1.axhline(0.9, color="gray", lw=0.8, ls=":")
+    ax1.set_ylabel("1 − cosine(hypergradient, closed form)  [log]")
+    ax1.set_title("Meta-gradient direction (lower is better)")
+    ax1.axhline(0.1, color="gray", lw=0.8, ls=":")
     ax2.set_xlabel("meta step")
     ax2.set_ylabel(r"$\|\lambda_t-\lambda^*\| / \|\lambda_0-\lambda^*\|$")
     ax2.set_yscale("log")
     ax2.set_title("Distance to the closed-form optimum")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-        ax.legend()
+    ratios = [result[k]["time_ratio_vs_sama"] for k in METHODS]
+    bars = ax3.bar(
+        [_STYLE[k][0] for k in METHODS], ratios, color=[colors[k] for k in METHODS]
+    )
+    for b, k in zip(bars, METHODS):
+        ax3.annotate(
+            f"{result[k]['time_ratio_vs_sama']:.2f}×\n{result[k]['temp_bytes'] / 1024:.0f} KiB",
+            (b.get_x() + b.get_width() / 2, b.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
+    ax3.set_yscale("log")
+    ax3.set_ylim(top=max(ratios) * 2)
+    ax3.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax3.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax3.axhline(1.0, color="gray", lw=0.8, ls=":")
+    ax3.set_ylabel("time of one jitted hypergradient / SAMA's  [log]")
+    ax3.set_title("Cost per meta step (label: time ratio, XLA temp memory)")
+    ax3.tick_params(axis="x", rotation=45)
+    ax3.grid(alpha=0.3, axis="y")
     c = result["config"]
     fig.suptitle(
-        f"Biased regression (n={c['n']}, d={c['d']}, beta={c['beta']}): SGD lr={c['base_lr']}, "
-        f"K={c['base_steps']}, Adam lr={c['meta_lr']}, seed={c['seed']}",
+        f"Biased regression (n={c['n']}, d={c['d']}, beta={c['beta']}, float64): SGD lr={c['base_lr']}, "
+        f"K={c['base_steps']}, Adam lr={c['meta_lr']}, seed={c['seed']}; timings on {c['device']}",
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.legend(loc="lower center", ncol=5, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def _summary(result: dict[str, Any]) -> str:
-    lines = [f"{'method':<9} {'cos_mean':>9} {'cos_min':>9} {'dist_ratio':>11} {'seconds':>8}"]
-    for key in ("sama", "sama_na"):
+    lines = [
+        f"{'method':<8} {'cos_mean':>9} {'cos_min':>9} {'dist_ratio':>11} {'t/sama':>7} "
+        f"{'temp_B':>8} {'run_s':>6}  settings"
+    ]
+    for key in METHODS:
         r = result[key]
         lines.append(
-            f"{key:<9} {r['cos_mean']:>9.4f} {r['cos_min']:>9.4f} {r['dist_ratio']:>11.4g} "
-            f"{r['seconds_incl_compile']:>8.2f}"
+            f"{key:<8} {r['cos_mean']:>9.5f} {r['cos_min']:>9.5f} {r['dist_ratio']:>11.4g} "
+            f"{r['time_ratio_vs_sama']:>7.2f} {r['temp_bytes']:>8d} {r['seconds_incl_compile']:>6.2f}"
+            f"  {r['settings']}"
         )
     return "\n".join(lines)
 

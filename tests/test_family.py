@@ -286,3 +286,17 @@ def test_stateful_method_in_meta_grad_without_template_is_an_error():
     tx = bj.meta_grad(problem.base_loss, _meta_loss, problem.base_tx, bj.soba())
     with pytest.raises(ValueError, match="meta_grad\\(..., base_params=θ\\)"):
         tx.init(inputs.meta_params)
+
+
+def test_itd_does_not_copy_an_unstacked_batch_per_step():
+    """XLA temp memory of ITD must not grow with the unroll when one batch is reused."""
+    problem, inputs, _ = _setup("ridge")
+    big = (jnp.ones((2000, F)), jnp.ones(2000))  # 72 KB of batch in float32
+    inputs = inputs._replace(base_batch=big)
+
+    def temp(k):
+        method = bj.itd(k)
+        f = jax.jit(lambda i: method.hypergrad(problem, i, optax.EmptyState())[0].meta_grad)
+        return f.lower(inputs).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp(20) < 1.2 * temp(2), (temp(2), temp(20))

@@ -71,46 +71,50 @@ class Unrolled:
         del base_params, meta_params
         return optax.EmptyState()
 
-    def _batches(self, batch):
-        if self.stacked:
-            lead = {x.shape[0] for x in jax.tree.leaves(batch)}
-            if lead != {self.unroll}:
-                raise ValueError(
-                    f"{self.name}: stacked=True needs every base_batch leaf to have a leading "
-                    f"axis of length unroll={self.unroll}; got leading sizes {sorted(lead)}"
-                )
-            return batch
-        return jax.tree.map(lambda x: jax.numpy.broadcast_to(x, (self.unroll, *x.shape)), batch)
+    def _check_stacked(self, batch):
+        lead = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(batch)}
+        if lead != {self.unroll}:
+            raise ValueError(
+                f"{self.name}: stacked=True needs every base_batch leaf to have a leading "
+                f"axis of length unroll={self.unroll}; got leading sizes {sorted(map(str, lead))}"
+            )
 
     def hypergrad(
         self, problem: BilevelProblem, inputs: BilevelInputs, state: PyTree
     ) -> tuple[Hypergrad, PyTree]:
         """Unroll K steps from the current (θ, state) and differentiate L_m(θ_K, λ) w.r.t. λ."""
-        first = jax.tree.map(lambda x: x[0], self._batches(inputs.base_batch))
+        batches = inputs.base_batch
+        if self.stacked:
+            self._check_stacked(batches)
+            first = jax.tree.map(lambda x: x[0], batches)
+        else:
+            first = batches
         check_problem(problem, inputs._replace(base_batch=first))
         tx = problem.base_tx if self.lr is None else optax.sgd(self.lr)
-        batches = self._batches(inputs.base_batch)
         opt_state = inputs.base_opt_state if self.lr is None else tx.init(inputs.base_params)
         frozen = self.unroll - (self.truncate or self.unroll)
 
-        def unrolled_meta_loss(lam):
-            def step(carry, batch, lam_used):
-                theta, s = carry
+        def run(carry, lam_used, start, length, remat):
+            """``length`` steps from step ``start``; an unstacked batch is closed over, not copied."""
+
+            def step(c, batch):
+                theta, s = c
+                batch = first if batch is None else batch
                 g = jax.grad(problem.base_loss)(theta, lam_used, batch)
                 upd, s = tx.update(g, s, theta)
                 return (optax.apply_updates(theta, upd), s), None
 
+            body = jax.checkpoint(step) if remat else step
+            xs = jax.tree.map(lambda x: x[start : start + length], batches) if self.stacked else None
+            return jax.lax.scan(body, carry, xs, length=length)[0]
+
+        def unrolled_meta_loss(lam):
             carry = (inputs.base_params, opt_state)
             if frozen:
-                head = jax.tree.map(lambda x: x[:frozen], batches)
-                lam_sg = jax.lax.stop_gradient(lam)
-                carry, _ = jax.lax.scan(lambda c, b: step(c, b, lam_sg), carry, head)
-                carry = jax.lax.stop_gradient(carry)
-            tail = jax.tree.map(lambda x: x[frozen:], batches)
-            body = lambda c, b: step(c, b, lam)  # noqa: E731
-            if self.remat:
-                body = jax.checkpoint(body)
-            (theta_k, _), _ = jax.lax.scan(body, carry, tail)
+                carry = jax.lax.stop_gradient(
+                    run(carry, jax.lax.stop_gradient(lam), 0, frozen, False)
+                )
+            theta_k, _ = run(carry, lam, frozen, self.unroll - frozen, self.remat)
             return problem.meta_loss(theta_k, lam, inputs.meta_batch)
 
         value, grad = jax.value_and_grad(unrolled_meta_loss)(inputs.meta_params)
