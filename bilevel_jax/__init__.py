@@ -27,6 +27,14 @@ from bilevel_jax.hypergrad import (
     soba,
 )
 from bilevel_jax.implicit_diff import custom_fixed_point, custom_root
+from bilevel_jax.loop import (
+    BilevelState,
+    BilevelStep,
+    TooManySkipsError,
+    bilevel_step,
+    check_skips,
+    init_bilevel_state,
+)
 from bilevel_jax.transform import MetaGradState, meta_grad
 
 __version__ = "0.1.0"
@@ -36,13 +44,18 @@ __all__ = [
     "BilevelInputError",
     "BilevelInputs",
     "BilevelProblem",
+    "BilevelState",
+    "BilevelStep",
     "Hypergrad",
     "HypergradMethod",
     "MetaGradState",
     "SAMA",
+    "TooManySkipsError",
     "UnsupportedTransformError",
     "adapt",
     "adaptation",
+    "bilevel_step",
+    "check_skips",
     "cg",
     "custom_fixed_point",
     "custom_root",
@@ -52,6 +65,7 @@ __all__ = [
     "describe",
     "exact",
     "implicit_diff",
+    "init_bilevel_state",
     "itd",
     "linalg",
     "meta_grad",

@@ -1,0 +1,317 @@
+r"""The bilevel training step: K base steps (``lax.scan``) then one meta step, as one pure function.
+
+    step  = bj.bilevel_step(base_loss, meta_loss, base_tx, meta_tx, bj.sama())
+    state = bj.init_bilevel_state(step, base_params, meta_params, rng=jax.random.PRNGKey(0))
+    state, metrics = jax.jit(step, donate_argnums=0)(state, base_batches, meta_batch)
+
+``base_batches`` is a pytree whose leaves have a leading axis of length K (one base
+batch per step); ``meta_batch`` is one meta batch. Each call
+
+1. takes K base steps ``θ ← θ + Δ(∇_θ L_b(θ, λ; B_k), s, θ)`` with ``base_tx``,
+   carrying the last step's gradient and pre-update state so that SAMA's
+   ``adapt_from="last"`` needs no extra pass;
+2. computes the hypergradient of ``method`` at the final θ on the last base batch and
+   the meta batch, and updates λ with ``meta_tx`` (any optax optimizer);
+3. optionally applies the method's base step along v (``θ ← θ − εv``, SAMA §3.2).
+
+**Safe failure.** A base step whose loss or gradient is not finite leaves θ and the
+base optimizer state bit-identical and increments ``skipped_base``; a meta step whose
+hypergradient is not finite leaves λ, the meta optimizer state and the method state
+unchanged and increments ``skipped_meta`` (like ``optax.apply_if_finite``). Use
+:func:`check_skips` (or :func:`bilevel_jax.fit`'s ``max_skips``) to stop a run that
+keeps failing.
+
+**Stateful models.** With ``stateful=True`` the losses take a fourth argument, the
+non-differentiated ``model_state`` (batch statistics, RNG streams…), and
+``base_loss`` returns ``(loss, new_model_state)``; the new state is threaded through
+the base steps, and the meta step sees it as a constant.
+
+**RNG.** With ``use_rng=True`` the losses also receive ``rng=`` (a fresh key per base
+step, and one for the meta step) split from ``state.rng``.
+
+**Mixed precision.** With ``compute_dtype=jnp.bfloat16`` the losses see θ, λ and the
+floating batch leaves cast to bf16 while the master parameters, gradients, optimizer
+states, SAMA's ε and its finite difference stay in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bilevel_jax import _checks
+from bilevel_jax.hypergrad.base import BilevelInputs, BilevelProblem, HypergradMethod, all_finite
+from bilevel_jax.hypergrad.sama import sama
+
+__all__ = [
+    "BilevelState",
+    "BilevelStep",
+    "bilevel_step",
+    "init_bilevel_state",
+    "check_skips",
+    "TooManySkipsError",
+]
+
+PyTree = Any
+
+
+class TooManySkipsError(FloatingPointError):
+    """Raised when more base or meta steps were skipped as non-finite than allowed."""
+
+
+class BilevelState(NamedTuple):
+    """Everything a bilevel run carries between steps (a pytree: jit, donate and checkpoint it).
+
+    Attributes:
+      base_params: θ (the master copy, float32 or wider under mixed precision).
+      meta_params: λ.
+      base_opt_state: the base optimizer's state.
+      meta_opt_state: the meta optimizer's state.
+      method_state: the hypergradient method's state (SOBA's z, CG's warm start…).
+      model_state: non-differentiated model state (batch statistics, RNG streams), or None.
+      rng: a PRNG key split by the step when ``use_rng=True``.
+      step: base steps taken (including skipped ones).
+      meta_step: meta steps taken (including skipped ones).
+      skipped_base: base steps skipped because their loss or gradient was not finite.
+      skipped_meta: meta steps skipped because their hypergradient was not finite.
+    """
+
+    base_params: PyTree
+    meta_params: PyTree
+    base_opt_state: optax.OptState
+    meta_opt_state: optax.OptState
+    method_state: PyTree
+    model_state: PyTree
+    rng: jax.Array
+    step: jax.Array
+    meta_step: jax.Array
+    skipped_base: jax.Array
+    skipped_meta: jax.Array
+
+
+def _select(ok, new, old):
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def _cast_floats(tree, dtype):
+    if dtype is None:
+        return tree
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x, tree
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class BilevelStep:
+    """The pure step built by :func:`bilevel_step`; call it as ``step(state, base_batches, meta_batch)``."""
+
+    base_loss: Callable
+    meta_loss: Callable
+    base_tx: optax.GradientTransformation
+    meta_tx: optax.GradientTransformation
+    method: HypergradMethod
+    base_step_along_v: bool = False
+    stateful: bool = False
+    use_rng: bool = False
+    compute_dtype: Any = None
+
+    # -- losses in the (θ, λ, batch) form the methods expect ------------------------------------
+    def _base(self, model_state, rng):
+        def loss(theta, lam, batch):
+            args = _cast_floats((theta, lam, batch), self.compute_dtype)
+            kw = {"rng": rng} if self.use_rng else {}
+            if self.stateful:
+                out, new_state = self.base_loss(*args, model_state, **kw)
+            else:
+                out, new_state = self.base_loss(*args, **kw), model_state
+            return jnp.asarray(out, jnp.promote_types(out.dtype, jnp.float32)), new_state
+
+        return loss
+
+    def _meta(self, model_state, rng):
+        def loss(theta, lam, batch):
+            args = _cast_floats((theta, lam, batch), self.compute_dtype)
+            kw = {"rng": rng} if self.use_rng else {}
+            out = self.meta_loss(*args, model_state, **kw) if self.stateful else self.meta_loss(*args, **kw)
+            return jnp.asarray(out, jnp.promote_types(out.dtype, jnp.float32))
+
+        return loss
+
+    def init(self, base_params: PyTree, meta_params: PyTree, *, model_state: PyTree = None,
+             rng: jax.Array | None = None) -> BilevelState:
+        """A fresh :class:`BilevelState` (optimizer and method states from their ``init``).
+
+        Every leaf is a new buffer (nothing aliases the arguments or another leaf), so the
+        state can be donated to ``jax.jit(step, donate_argnums=0)``.
+        """
+        zero = jnp.zeros([], jnp.int32)
+        state = BilevelState(
+            base_params=base_params,
+            meta_params=meta_params,
+            base_opt_state=self.base_tx.init(base_params),
+            meta_opt_state=self.meta_tx.init(meta_params),
+            method_state=self.method.init(base_params, meta_params),
+            model_state=model_state,
+            rng=jax.random.PRNGKey(0) if rng is None else rng,
+            step=zero, meta_step=zero, skipped_base=zero, skipped_meta=zero,
+        )
+        return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
+
+    def _check(self, state: BilevelState, base_batches: PyTree) -> int:
+        leaves = jax.tree.leaves(base_batches)
+        if not leaves:
+            raise _checks.BilevelInputError("base_batches is empty: it has no array leaves")
+        sizes = {x.shape[0] if jnp.ndim(x) else None for x in leaves}
+        if len(sizes) != 1 or None in sizes:
+            raise _checks.BilevelInputError(
+                "every leaf of base_batches needs the same leading axis (the K base steps); "
+                f"got leading sizes {sorted(map(str, sizes))}"
+            )
+        k = sizes.pop()
+        if k == 0:
+            raise _checks.BilevelInputError("base_batches has K = 0 base steps; K must be at least 1")
+        for p, x in jax.tree_util.tree_flatten_with_path(base_batches)[0]:
+            if jnp.ndim(x) >= 2 and x.shape[1] == 0:
+                raise _checks.BilevelInputError(
+                    f"base batch leaf {jax.tree_util.keystr(p)} is empty (shape {x.shape})"
+                )
+        _checks.opt_state_matches(self.base_tx, state.base_opt_state, state.base_params)
+        _checks.opt_state_matches(self.meta_tx, state.meta_opt_state, state.meta_params)
+        return k
+
+    def __call__(
+        self, state: BilevelState, base_batches: PyTree, meta_batch: PyTree
+    ) -> tuple[BilevelState, dict]:
+        """K base steps then one meta step; returns the new state and scalar metrics."""
+        self._check(state, base_batches)
+        rng, base_rng, meta_rng = jax.random.split(state.rng, 3)
+        k = jax.tree.leaves(base_batches)[0].shape[0]
+        base_keys = jax.random.split(base_rng, k)
+
+        def base_step(carry, xs):
+            theta, s, model_state, last_g, last_s, skipped = carry
+            batch, key = xs
+            (loss, new_model_state), g = jax.value_and_grad(
+                self._base(model_state, key), has_aux=True
+            )(theta, state.meta_params, batch)
+            upd, s_new = self.base_tx.update(g, s, theta)
+            ok = jnp.isfinite(loss) & all_finite(g, upd)
+            theta_new = optax.apply_updates(theta, upd)
+            carry = (
+                _select(ok, theta_new, theta),
+                _select(ok, s_new, s),
+                _select(ok, new_model_state, model_state),
+                _select(ok, g, last_g),
+                _select(ok, s, last_s),
+                skipped + (~ok).astype(jnp.int32),
+            )
+            return carry, (loss, ok)
+
+        zeros = jax.tree.map(jnp.zeros_like, state.base_params)
+        init = (state.base_params, state.base_opt_state, state.model_state, zeros,
+                state.base_opt_state, jnp.zeros([], jnp.int32))
+        (theta, s, model_state, last_g, last_s, n_skip), (losses, oks) = jax.lax.scan(
+            base_step, init, (base_batches, base_keys)
+        )
+
+        last_batch = jax.tree.map(lambda x: x[-1], base_batches)
+        base_fn = lambda th, lam, b: self._base(model_state, meta_rng)(th, lam, b)[0]  # noqa: E731
+        problem = BilevelProblem(base_fn, self._meta(model_state, meta_rng), self.base_tx)
+        inputs = BilevelInputs(theta, state.meta_params, s, last_batch, meta_batch, last_g, last_s)
+        hg, method_state = self.method.hypergrad(problem, inputs, state.method_state)
+        upd, meta_opt_state = self.meta_tx.update(hg.meta_grad, state.meta_opt_state, state.meta_params)
+        ok = hg.finite & all_finite(upd)
+        meta_params = _select(ok, optax.apply_updates(state.meta_params, upd), state.meta_params)
+        if self.base_step_along_v:
+            if hg.base_update is None:
+                raise ValueError(
+                    f"base_step_along_v=True needs a method that returns a base update; "
+                    f"{self.method.name} does not (use bj.sama(..., base_step=True))"
+                )
+            theta = _select(ok, optax.apply_updates(theta, hg.base_update), theta)
+
+        new_state = BilevelState(
+            base_params=theta,
+            meta_params=meta_params,
+            base_opt_state=s,
+            meta_opt_state=_select(ok, meta_opt_state, state.meta_opt_state),
+            method_state=_select(ok, method_state, state.method_state),
+            model_state=model_state,
+            rng=rng,
+            step=state.step + k,
+            meta_step=state.meta_step + 1,
+            skipped_base=state.skipped_base + n_skip,
+            skipped_meta=state.skipped_meta + (~ok).astype(jnp.int32),
+        )
+        good = jnp.maximum(jnp.sum(oks), 1)
+        metrics = {
+            "base_loss": jnp.sum(jnp.where(oks, losses, 0.0)) / good,
+            "meta_loss": jnp.asarray(hg.meta_loss, jnp.float32),
+            "hypergrad_norm": optax.tree.norm(hg.meta_grad).astype(jnp.float32),
+            "base_skipped": n_skip,
+            "meta_skipped": (~ok).astype(jnp.int32),
+            **{k_: jnp.asarray(v, jnp.float32) for k_, v in hg.info.items()},
+        }
+        return new_state, metrics
+
+
+def bilevel_step(
+    base_loss: Callable,
+    meta_loss: Callable,
+    base_tx: optax.GradientTransformation,
+    meta_tx: optax.GradientTransformation,
+    method: HypergradMethod | None = None,
+    *,
+    base_step_along_v: bool = False,
+    stateful: bool = False,
+    use_rng: bool = False,
+    compute_dtype: Any = None,
+) -> BilevelStep:
+    r"""Build the pure, jit-able bilevel step (see the module docstring).
+
+    Args:
+      base_loss: ``L_b(θ, λ, batch[, model_state][, rng=]) -> loss`` (``(loss, model_state)``
+        with ``stateful=True``).
+      meta_loss: ``L_m(θ, λ, batch[, model_state][, rng=]) -> loss``.
+      base_tx: the optimizer of θ.
+      meta_tx: the optimizer of λ (applied to the hypergradient, e.g. ``optax.adam(1e-3)``).
+      method: the hypergradient method (default ``bj.sama()``).
+      base_step_along_v: apply the method's base update after each meta step (SAMA with
+        ``base_step=True``).
+      stateful: the losses take and ``base_loss`` returns a non-differentiated model state.
+      use_rng: pass ``rng=`` keys split from ``state.rng`` to the losses.
+      compute_dtype: e.g. ``jnp.bfloat16`` to run the losses in bf16 over float32 masters.
+
+    Returns:
+      A :class:`BilevelStep`: ``step(state, base_batches, meta_batch) -> (state, metrics)``
+      and ``step.init(base_params, meta_params, model_state=, rng=)``.
+    """
+    return BilevelStep(
+        base_loss, meta_loss, base_tx, meta_tx, sama() if method is None else method,
+        base_step_along_v, stateful, use_rng, compute_dtype,
+    )
+
+
+def init_bilevel_state(
+    step: BilevelStep, base_params: PyTree, meta_params: PyTree, *, model_state: PyTree = None,
+    rng: jax.Array | None = None,
+) -> BilevelState:
+    """``step.init(...)``: a fresh state for ``step``."""
+    return step.init(base_params, meta_params, model_state=model_state, rng=rng)
+
+
+def check_skips(state: BilevelState, max_skips: int | None) -> None:
+    """Raise :class:`TooManySkipsError` when more than ``max_skips`` steps were skipped (host-side)."""
+    if max_skips is None:
+        return
+    base, meta = int(state.skipped_base), int(state.skipped_meta)
+    if base > max_skips or meta > max_skips:
+        raise TooManySkipsError(
+            f"{base} base steps and {meta} meta steps were skipped because their loss or "
+            f"gradient was not finite (limit {max_skips}); the state holds the last finite "
+            "values. Lower the learning rates, check the data for NaN/inf, or raise max_skips."
+        )
