@@ -166,18 +166,24 @@ def test_model_state_is_threaded_through_successful_base_steps_only():
 def test_rng_keys_are_fresh_per_step_and_deterministic():
     xs, ys, meta = _data()
 
-    def noisy_base(th, lam, batch, *, rng):
-        return base_loss(th, lam, batch) + 0.0 * jax.random.normal(rng)
+    def noisy_base(th, lam, batch, seen, *, rng):  # records each base step's key
+        return base_loss(th, lam, batch), jnp.roll(seen, 1, axis=0).at[0].set(rng)
 
-    def noisy_meta(th, lam, batch, *, rng):
+    def noisy_meta(th, lam, batch, seen, *, rng):
         return meta_loss(th, lam, batch)
 
-    step = bj.bilevel_step(noisy_base, noisy_meta, optax.adam(1e-2), optax.adam(1e-1), use_rng=True)
-    state = step.init(*_init(), rng=jax.random.PRNGKey(7))
+    step = bj.bilevel_step(
+        noisy_base, noisy_meta, optax.adam(1e-2), optax.adam(1e-1), stateful=True, use_rng=True
+    )
+    seen0 = jnp.zeros((K, 2), jnp.uint32)
+    state = step.init(*_init(), model_state=seen0, rng=jax.random.PRNGKey(7))
     a, _ = jax.jit(step)(state, (xs[0], ys[0]), meta)
     b, _ = jax.jit(step)(state, (xs[0], ys[0]), meta)
-    assert _leaves_equal(a, b)
-    assert not np.array_equal(np.asarray(a.rng), np.asarray(state.rng))
+    assert _leaves_equal(a, b)  # deterministic given state.rng
+    keys = {tuple(np.asarray(k)) for k in a.model_state}
+    assert len(keys) == K  # one distinct key per base step
+    c, _ = jax.jit(step)(a, (xs[0], ys[0]), meta)
+    assert not {tuple(np.asarray(k)) for k in c.model_state} & keys  # and new ones next call
 
 
 def test_base_step_along_v_requires_a_base_update():
