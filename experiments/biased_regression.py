@@ -92,7 +92,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import os
 import sys
 import time
@@ -106,6 +105,7 @@ import optax
 from jax import lax
 
 import bilevel_jax as bj
+from experiments._io import save_results
 from bilevel_jax.hypergrad import BilevelInputs, BilevelProblem
 
 __all__ = [
@@ -561,11 +561,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     result = run_experiment(cfg)
     result["config"]["total_seconds"] = time.perf_counter() - t0
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
-    png = args.png or os.path.splitext(args.json)[0] + ".png"
-    write_png(result, png)
+    png = save_results(result, args.json, args.png, write_png)
     print(_summary(result))
     print(f"wrote {args.json} and {png}")
     return result

@@ -50,9 +50,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import os
 import sys
 import time
 from typing import Any
@@ -64,6 +62,7 @@ import optax
 from jax import lax
 
 import bilevel_jax as bj
+from experiments._io import save_results
 from experiments import data as data_lib
 
 __all__ = [
@@ -514,11 +513,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = run_experiment(cfg, tuple(args.methods))
     result["config"]["quick"] = bool(args.quick)
     result["config"]["command_seconds"] = time.perf_counter() - t0
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
-    png = args.png or os.path.splitext(args.json)[0] + ".png"
-    write_png(result, png)
+    png = save_results(result, args.json, args.png, write_png)
     print(summary(result))
     print(f"wrote {args.json} and {png} ({result['config']['command_seconds']:.1f} s)")
     return result

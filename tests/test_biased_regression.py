@@ -6,9 +6,6 @@ previous setting).
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +13,11 @@ import numpy as np
 import optax
 import pytest
 
+from _run_module import run_module
+
 import bilevel_jax as bj
 from experiments import biased_regression as br
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -46,16 +44,7 @@ def _arrays(data):
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("biased_regression")
     path = out / "br.json"
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.biased_regression", "--json", str(path)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_module("experiments.biased_regression", "--json", str(path))
     assert (out / "br.png").stat().st_size > 0
     with open(path) as f:
         return json.load(f)

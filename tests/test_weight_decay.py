@@ -6,36 +6,25 @@ in-process (float64 ones inside the ``x64`` fixture, which restores the previous
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _run_module import run_module
+
 import bilevel_jax as bj
 from bilevel_jax.hypergrad.base import mixed_product
 from experiments import weight_decay as wd
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("weight_decay")
     path = out / "wd.json"
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.weight_decay", "--quick", "--json", str(path)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_module("experiments.weight_decay", "--quick", "--json", str(path))
     assert (out / "wd.png").stat().st_size > 0
     with open(path) as f:
         return json.load(f)
