@@ -5,9 +5,10 @@ Practical", NeurIPS 2023): first-order meta-gradients adapted to the base
 optax optimizer through an analytic adaptation matrix.
 """
 
-from bilevel_jax import adaptation, implicit_diff, linalg
+from bilevel_jax import adaptation, implicit_diff, linalg, nnx_utils
 from bilevel_jax._checks import BilevelInputError
 from bilevel_jax.adaptation import AdaptationError, UnsupportedTransformError, adapt, describe
+from bilevel_jax.fit import fit
 from bilevel_jax.hypergrad import (
     SAMA,
     BilevelInputs,
@@ -64,12 +65,14 @@ __all__ = [
     "dds",
     "describe",
     "exact",
+    "fit",
     "implicit_diff",
     "init_bilevel_state",
     "itd",
     "linalg",
     "meta_grad",
     "neumann",
+    "nnx_utils",
     "sama",
     "sama_hypergrad",
     "sama_na",

