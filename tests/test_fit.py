@@ -3,6 +3,8 @@
 import itertools
 import json
 import math
+import pathlib
+import re
 import warnings
 
 import jax
@@ -262,36 +264,12 @@ def test_progress_bar_runs(capsys):
 
 
 def readme_loop_example():
-    import itertools
-    import jax, jax.numpy as jnp, numpy as np, optax
-    import bilevel_jax as bj
-    from sklearn.datasets import load_digits
-
-    x, y = map(jnp.asarray, load_digits(return_X_y=True))    # 1,797 8×8 digits, pixels 0..16
-    rng = np.random.default_rng(0)                            # 40% of the training labels are noise
-    noisy = jnp.where(rng.random(len(y)) < 0.4, rng.integers(0, 10, len(y)), y)
-    meta, test, train = np.arange(100), np.arange(100, 500), np.arange(500, len(y))
-
-    def model(theta, idx):                                    # a linear classifier on examples idx
-        return x[idx] / 16 @ theta["w"] + theta["b"]
-
-    def base_loss(theta, lam, idx):                           # weights σ(λ_i) on the noisy labels
-        w, ce = jax.nn.sigmoid(lam[idx]), optax.softmax_cross_entropy_with_integer_labels
-        return jnp.sum(w * ce(model(theta, idx), noisy[idx])) / jnp.sum(w)
-
-    def meta_loss(theta, lam, idx):                           # clean labels on the meta set
-        return optax.softmax_cross_entropy_with_integer_labels(model(theta, idx), y[idx]).mean()
-
-    def base_batches(start):                                  # K=5 batches of 64 per meta step, from
-        for t in itertools.count(start):                      # any position: fit can resume it
-            yield np.random.default_rng(t).choice(train, (5, 64))
-
-    step = bj.bilevel_step(base_loss, meta_loss, optax.adam(1e-2), optax.adam(1e-1), bj.sama())
-    state = step.init({"w": jnp.zeros((64, 10)), "b": jnp.zeros(10)}, jnp.zeros(len(y)))
-    accuracy = lambda s: {"acc": jnp.mean(jnp.argmax(model(s.base_params, test), -1) == y[test])}
-    state, history = bj.fit(step, state, base_batches, itertools.repeat(meta), num_meta_steps=200,
-                            eval_fn=accuracy, eval_every=50, log_path="loop.jsonl")
-    return locals()
+    """Run the README's training-loop example (the python block that calls ``bj.fit``)."""
+    readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)
+    ns: dict = {}
+    exec(compile(next(b for b in blocks if "bj.fit(" in b), "README.md", "exec"), ns)  # noqa: S102
+    return ns
 
 
 def test_readme_loop_example(tmp_path, monkeypatch):
