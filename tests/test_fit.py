@@ -3,8 +3,12 @@
 import itertools
 import json
 import math
+import os
 import pathlib
 import re
+import signal
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -281,3 +285,28 @@ def test_readme_loop_example(tmp_path, monkeypatch):
     flipped = np.asarray(ns["noisy"] != ns["y"])[ns["train"]]
     w = np.asarray(jax.nn.sigmoid(state.meta_params[ns["train"]]))
     assert w[flipped].mean() < w[~flipped].mean() - 0.1  # the noisy labels are down-weighted
+
+
+def test_sigkill_during_fit_then_resume_is_bit_identical(tmp_path):
+    """A bilevel run killed with SIGKILL mid-training and resumed ends bit-identical."""
+    worker = pathlib.Path(__file__).resolve().parent / "_fit_worker.py"
+    repo = str(worker.parents[1])
+
+    def run(directory, out, kill_at=None):
+        env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env.pop("FIT_KILL_AT", None)
+        if kill_at is not None:
+            env["FIT_KILL_AT"] = str(kill_at)
+        return subprocess.run([sys.executable, str(worker), str(directory), str(out)],
+                              env=env, capture_output=True, text=True, timeout=180)
+
+    ref = run(tmp_path / "ref", tmp_path / "ref.npz")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    killed = run(tmp_path / "run", tmp_path / "run.npz", kill_at=23)  # last checkpoint: 20
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
+    assert not (tmp_path / "run.npz").exists()
+    resumed = run(tmp_path / "run", tmp_path / "run.npz")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "run.npz")
+    assert int(a["meta_step"]) == int(b["meta_step"]) == 40
+    assert a["w"].tobytes() == b["w"].tobytes() and a["lam"].tobytes() == b["lam"].tobytes()
