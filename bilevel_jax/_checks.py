@@ -61,6 +61,13 @@ def opt_state_matches(tx, state: PyTree, params: PyTree) -> None:
                 f"optimizer state leaf {_path(p)} has shape {np.shape(a)}, but "
                 f"tx.init(params) gives {np.shape(b)}: the state does not match the params."
             )
+        got_dtype = getattr(a, "dtype", None)
+        if got_dtype is not None and jnp.dtype(got_dtype) != jnp.dtype(b.dtype):
+            raise BilevelInputError(
+                f"optimizer state leaf {_path(p)} has dtype {jnp.dtype(got_dtype)}, but "
+                f"tx.init(params) gives {jnp.dtype(b.dtype)}: the state was made for params of "
+                "another dtype."
+            )
 
 
 def scalar_loss(fn, name: str, *args) -> jax.ShapeDtypeStruct:

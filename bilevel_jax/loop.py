@@ -186,6 +186,12 @@ class BilevelStep:
                 )
         _checks.opt_state_matches(self.base_tx, state.base_opt_state, state.base_params)
         _checks.opt_state_matches(self.meta_tx, state.meta_opt_state, state.meta_params)
+        first = jax.tree.map(lambda x: x[0], base_batches)
+        key = jax.random.PRNGKey(0)
+        _checks.scalar_loss(
+            lambda th, lam, b: self._base(state.model_state, key, self.compute_dtype)(th, lam, b)[0],
+            "base_loss", state.base_params, state.meta_params, first,
+        )
         return k
 
     def __call__(

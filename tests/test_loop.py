@@ -219,3 +219,20 @@ def test_bf16_compute_keeps_float32_masters():
         if jnp.issubdtype(x.dtype, jnp.floating)
     )
     assert m["eps"].dtype == jnp.float32 and np.isfinite(float(m["meta_loss"]))
+
+
+def test_state_with_another_dtype_names_the_leaf():
+    xs, ys, meta = _data()
+    step = bj.bilevel_step(base_loss, meta_loss, optax.adam(1e-2), optax.adam(1e-1))
+    state = step.init(*_init())
+    bf16_state = optax.adam(1e-2).init(jax.tree.map(lambda x: x.astype(jnp.bfloat16), state.base_params))
+    with pytest.raises(bj.BilevelInputError, match=r"mu\b.*dtype bfloat16.*float32"):
+        jax.jit(step)(state._replace(base_opt_state=bf16_state), (xs[0], ys[0]), meta)
+
+
+def test_batch_the_loss_cannot_take_is_reported_at_trace_time():
+    xs, ys, meta = _data()
+    step = bj.bilevel_step(base_loss, meta_loss, optax.adam(1e-2), optax.adam(1e-1))
+    wrong = (jnp.ones((K, B, F + 2)), ys[0])  # features do not match θ
+    with pytest.raises(bj.BilevelInputError, match=r"calling base_loss\(base_params, meta_params, batch\) failed"):
+        jax.jit(step)(step.init(*_init()), wrong, meta)
