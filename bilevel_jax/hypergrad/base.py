@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bilevel_jax import _checks
+
 PyTree = Any
 Loss = Callable[[PyTree, PyTree, PyTree], jax.Array]
 
@@ -106,8 +108,6 @@ def _wide(x: jax.Array) -> jax.Array:
 
 def check_problem(problem: BilevelProblem, inputs: BilevelInputs) -> None:
     """Trace-time checks shared by all methods: scalar losses and a matching optimizer state."""
-    from bilevel_jax import _checks
-
     _checks.scalar_loss(
         problem.base_loss, "base_loss", inputs.base_params, inputs.meta_params, inputs.base_batch
     )
@@ -185,3 +185,47 @@ def needs_base_params(method_name: str, base_params: PyTree | None) -> None:
             "parameters (or a template of them) at init: method.init(base_params, meta_params), "
             "or bilevel_jax.meta_grad(..., base_params=θ)."
         )
+
+
+def wide_norm(tree: PyTree) -> jax.Array:
+    """Global 2-norm over all leaves, accumulated in float32 or wider."""
+    leaves = [jnp.sum(jnp.square(_wide(x))) for x in jax.tree.leaves(tree)]
+    return jnp.sqrt(sum(leaves)) if leaves else jnp.asarray(0.0, jnp.float32)
+
+
+def central_difference(
+    base_loss: Loss,
+    theta: PyTree,
+    lam: PyTree,
+    batch: PyTree,
+    v: PyTree,
+    alpha,
+    *,
+    difference: str = "vmap",
+):
+    r"""``h = −[∇_λL_b(θ+εv, λ) − ∇_λL_b(θ−εv, λ)]/(2ε)`` with ``ε = α/‖v‖``.
+
+    ``h ≈ −(∂²L_b/∂λ∂θ) v`` with O(ε²) error. ‖v‖, ε, the perturbed parameters and the
+    difference are computed in float32 or wider. ``‖v‖ = 0`` gives exactly ``h = 0`` (the two
+    evaluations coincide, though batched kernels may round them differently); a NaN ``v``
+    propagates. ``difference="vmap"`` evaluates both gradients in one batched pass,
+    ``"sequential"`` one after the other. Returns ``(h, eps, v_norm)``.
+    """
+    v_norm = wide_norm(v)
+    nonzero = v_norm != 0  # NaN counts as nonzero so that it propagates and is flagged
+    eps = jnp.where(nonzero, alpha / jnp.where(nonzero, v_norm, 1.0), 0.0)
+    grad_meta = jax.grad(base_loss, argnums=1)
+
+    def grad_at(sign):
+        shifted = jax.tree.map(lambda t, vi: _wide(t) + sign * eps * _wide(vi), theta, v)
+        return jax.tree.map(_wide, grad_meta(shifted, lam, batch))
+
+    if difference == "vmap":
+        stacked = jax.vmap(grad_at)(jnp.array([1.0, -1.0], eps.dtype))
+        g_plus = jax.tree.map(lambda x: x[0], stacked)
+        g_minus = jax.tree.map(lambda x: x[1], stacked)
+    else:
+        g_plus, g_minus = grad_at(1.0), grad_at(-1.0)
+    denom = jnp.where(nonzero, 2.0 * eps, 1.0)
+    h = jax.tree.map(lambda a, b: jnp.where(nonzero, -(a - b) / denom, 0.0), g_plus, g_minus)
+    return h, eps, v_norm

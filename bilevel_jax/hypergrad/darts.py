@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from bilevel_jax.hypergrad.base import (
@@ -25,8 +24,8 @@ from bilevel_jax.hypergrad.base import (
     BilevelProblem,
     Hypergrad,
     PyTree,
-    _wide,
     assemble,
+    central_difference,
     check_problem,
 )
 from bilevel_jax.hypergrad.sama import SAMA
@@ -64,20 +63,8 @@ class DartsSecondOrder:
         meta_val, (d, direct) = jax.value_and_grad(problem.meta_loss, argnums=(0, 1))(
             virtual, lam, inputs.meta_batch
         )
-        norm = jnp.sqrt(sum(jnp.sum(_wide(x) ** 2) for x in jax.tree.leaves(d)))
-        nonzero = norm != 0
-        eps = jnp.where(nonzero, self.alpha / jnp.where(nonzero, norm, 1.0), 0.0)
-        grad_meta = jax.grad(problem.base_loss, argnums=1)
-
-        def at(sign):
-            shifted = jax.tree.map(lambda t, di: _wide(t) + sign * eps * _wide(di), theta, d)
-            return jax.tree.map(_wide, grad_meta(shifted, lam, batch))
-
-        plus, minus = at(1.0), at(-1.0)
-        denom = jnp.where(nonzero, 2.0 * eps, 1.0)
-        h = jax.tree.map(
-            lambda a, b: jnp.where(nonzero, -self.xi * (a - b) / denom, 0.0), plus, minus
-        )
+        h, eps, _ = central_difference(problem.base_loss, theta, lam, batch, d, self.alpha)
+        h = jax.tree.map(lambda x: self.xi * x, h)
         return assemble(lam, direct, h, meta_val, info={"eps": eps}), state
 
 

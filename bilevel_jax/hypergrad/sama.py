@@ -24,7 +24,6 @@ import dataclasses
 from typing import Literal
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from bilevel_jax.adaptation import adapt as _adapt
@@ -36,16 +35,12 @@ from bilevel_jax.hypergrad.base import (
     PyTree,
     _wide,
     assemble,
+    central_difference,
     check_problem,
     meta_value_and_grads,
 )
 
 __all__ = ["SAMA", "sama", "sama_na", "sama_hypergrad"]
-
-
-def _global_norm(tree: PyTree) -> jax.Array:
-    leaves = [jnp.sum(jnp.square(_wide(x))) for x in jax.tree.leaves(tree)]
-    return jnp.sqrt(sum(leaves)) if leaves else jnp.asarray(0.0, jnp.float32)
 
 
 def sama_hypergrad(
@@ -127,27 +122,9 @@ def sama_hypergrad(
     else:
         v = d
 
-    v_norm = _global_norm(v)
-    nonzero = v_norm != 0  # NaN counts as nonzero so that it propagates and is flagged
-    eps = jnp.where(nonzero, alpha / jnp.where(nonzero, v_norm, 1.0), 0.0)
-
-    grad_meta = jax.grad(base_loss, argnums=1)
-
-    def grad_at(sign):
-        theta = jax.tree.map(lambda t, vi: _wide(t) + sign * eps * _wide(vi), base_params, v)
-        return jax.tree.map(_wide, grad_meta(theta, meta_params, base_batch))
-
-    if difference == "vmap":
-        stacked = jax.vmap(grad_at)(jnp.array([1.0, -1.0], eps.dtype))
-        g_plus = jax.tree.map(lambda x: x[0], stacked)
-        g_minus = jax.tree.map(lambda x: x[1], stacked)
-    else:
-        g_plus, g_minus = grad_at(1.0), grad_at(-1.0)
-
-    # ‖v‖ = 0 means d = 0 or J_uᵀd = 0: the finite-difference term is exactly zero (the two
-    # evaluations coincide mathematically, but batched kernels may round them differently).
-    denom = jnp.where(nonzero, 2.0 * eps, 1.0)
-    h = jax.tree.map(lambda a, b: jnp.where(nonzero, -(a - b) / denom, 0.0), g_plus, g_minus)
+    h, eps, v_norm = central_difference(
+        base_loss, base_params, meta_params, base_batch, v, alpha, difference=difference
+    )
     base_update = jax.tree.map(lambda vi, t: (-eps * _wide(vi)).astype(t.dtype), v, base_params)
     return assemble(
         meta_params,

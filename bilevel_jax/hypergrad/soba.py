@@ -33,6 +33,7 @@ from bilevel_jax.hypergrad.base import (
     meta_value_and_grads,
     mixed_product,
     needs_base_params,
+    wide_norm,
 )
 
 __all__ = ["SOBA", "SobaState", "soba"]
@@ -74,7 +75,7 @@ class SOBA:
         residual = jax.tree.map(jnp.add, base_hvp(problem, inputs)(state.z), d)
         z = jax.tree.map(lambda zi, ri: zi - rho * ri, state.z, residual)
         h = mixed_product(problem, inputs, z)
-        info = {"residual_norm": jnp.sqrt(sum(jnp.sum(r**2) for r in jax.tree.leaves(residual)))}
+        info = {"residual_norm": wide_norm(residual)}
         new_state = SobaState(z, state.count + 1)
         return assemble(inputs.meta_params, direct, h, meta_val, info=info), new_state
 
