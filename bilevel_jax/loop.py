@@ -46,6 +46,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 
 from bilevel_jax import _checks
 from bilevel_jax.hypergrad.base import BilevelInputs, BilevelProblem, HypergradMethod, all_finite
@@ -123,6 +124,27 @@ class BilevelStep:
     use_rng: bool = False
     compute_dtype: Any = None
     meta_compute_dtype: Any = None
+    axis_name: str | None = None
+
+    def __post_init__(self):
+        if self.axis_name is not None and self.stateful:
+            raise ValueError(
+                "data parallelism (axis_name) with stateful=True is not supported yet: the "
+                "model state (e.g. batch statistics) would need its own cross-device reduction"
+            )
+
+    def _local(self, tree):
+        """Mark replicated values as per-device, so gradients stay local (DESIGN §4)."""
+        if self.axis_name is None:
+            return tree
+        return jax.tree.map(lambda x: jax.lax.pcast(x, self.axis_name, to="varying"), tree)
+
+    def _mean(self, tree):
+        """One all-reduce: flatten ``tree`` into one buffer and average it over devices."""
+        if self.axis_name is None:
+            return tree
+        flat, unravel = ravel_pytree(tree)
+        return unravel(jax.lax.pmean(flat, self.axis_name))
 
     # -- losses in the (θ, λ, batch) form the methods expect ------------------------------------
     def _base(self, model_state, rng, dtype):
@@ -208,7 +230,8 @@ class BilevelStep:
             batch, key = xs
             (loss, new_model_state), g = jax.value_and_grad(
                 self._base(model_state, key, self.compute_dtype), has_aux=True
-            )(theta, state.meta_params, batch)
+            )(self._local(theta), self._local(state.meta_params), batch)
+            g, loss = self._mean((g, loss))
             upd, s_new = self.base_tx.update(g, s, theta)
             ok = jnp.isfinite(loss) & all_finite(g, upd)
             theta_new = optax.apply_updates(theta, upd)
@@ -233,8 +256,18 @@ class BilevelStep:
         meta_dtype = self.meta_compute_dtype
         base_fn = lambda th, lam, b: self._base(model_state, meta_rng, meta_dtype)(th, lam, b)[0]  # noqa: E731
         problem = BilevelProblem(base_fn, self._meta(model_state, meta_rng, meta_dtype), self.base_tx)
-        inputs = BilevelInputs(theta, state.meta_params, s, last_batch, meta_batch, last_g, last_s)
+        inputs = BilevelInputs(
+            self._local(theta), self._local(state.meta_params), s, last_batch, meta_batch, last_g, last_s
+        )
         hg, method_state = self.method.hypergrad(problem, inputs, state.method_state)
+        if self.axis_name is not None:  # the mean of per-device estimates, in one all-reduce
+            meta_grad, base_update, meta_loss, info, method_state = self._mean(
+                (hg.meta_grad, hg.base_update, hg.meta_loss, hg.info, method_state)
+            )
+            hg = hg._replace(
+                meta_grad=meta_grad, base_update=base_update, meta_loss=meta_loss, info=info,
+                finite=all_finite(meta_grad, base_update),
+            )
         upd, meta_opt_state = self.meta_tx.update(hg.meta_grad, state.meta_opt_state, state.meta_params)
         ok = hg.finite & all_finite(upd)
         meta_params = _select(ok, optax.apply_updates(state.meta_params, upd), state.meta_params)

@@ -1,0 +1,112 @@
+"""Subprocess worker for tests/test_parallel.py (needs 8 fake CPU devices, float64).
+
+Prints one JSON line with the measured errors and collective counts.
+"""
+
+import json
+import os
+import re
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+
+import bilevel_jax as bj  # noqa: E402
+from bilevel_jax.parallel import data_parallel  # noqa: E402
+
+N_DEV, K, B, F, NM = 8, 3, 32, 5, 16  # B and NM split into 8 shards of 4 and 2
+ALL_REDUCE = re.compile(r"(?<![%\w.-])all-reduce(?:-start)?\(")  # DESIGN §4
+
+
+def base_loss(th, lam, batch):
+    x, y = batch
+    r = jnp.tanh(x @ th["w"]) - y
+    return jnp.mean(jax.nn.softplus(x @ lam["a"]) * r**2) + jnp.sum(lam["c"] * th["w"] ** 2)
+
+
+def meta_loss(th, lam, batch):
+    x, y = batch
+    return jnp.mean((jnp.tanh(x @ th["w"]) - y) ** 2)
+
+
+def main():
+    assert jax.device_count() == N_DEV, jax.devices()
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    rng = np.random.RandomState(0)
+    xs, ys = jnp.asarray(rng.randn(K, B, F)), jnp.asarray(rng.randn(K, B))
+    meta = (jnp.asarray(rng.randn(NM, F)), jnp.asarray(rng.randn(NM)))
+    th0 = {"w": jnp.asarray(rng.randn(F)) * 0.3}
+    lam0 = {"a": jnp.zeros(F), "c": jnp.full(F, 0.01)}
+    btx, mtx = optax.adam(1e-2), optax.sgd(1.0)  # sgd(1): λ_new = λ − meta-gradient
+    method = bj.sama(0.1, adapt_from="last", base_step=True)
+    step = bj.bilevel_step(base_loss, meta_loss, btx, mtx, method, base_step_along_v=True)
+    state = step.init(th0, lam0)
+
+    dp = jax.jit(data_parallel(step, mesh))
+    out, metrics = dp(state, (xs, ys), meta)
+
+    # Reference: base steps on the full batch (the mean of equal shards' mean losses), then the
+    # mean over shards of single-device SAMA on each shard's last base batch and meta batch.
+    th, s = th0, btx.init(th0)
+    for i in range(K):
+        g = jax.grad(base_loss)(th, lam0, (xs[i], ys[i]))
+        last_g, last_s = g, s
+        upd, s = btx.update(g, s, th)
+        th = optax.apply_updates(th, upd)
+    problem = bj.BilevelProblem(base_loss, meta_loss, btx)
+    per_shard = []
+    for d in range(N_DEV):
+        bb = (xs[-1, d * 4:(d + 1) * 4], ys[-1, d * 4:(d + 1) * 4])
+        mb = (meta[0][d * 2:(d + 1) * 2], meta[1][d * 2:(d + 1) * 2])
+        inputs = bj.BilevelInputs(th, lam0, s, bb, mb, last_g, last_s)
+        per_shard.append(method.hypergrad(problem, inputs, optax.EmptyState())[0])
+    mean = lambda f: jax.tree.map(lambda *xs: sum(xs) / N_DEV, *[f(h) for h in per_shard])  # noqa: E731
+    lam_ref = jax.tree.map(lambda l, h: l - h, lam0, mean(lambda h: h.meta_grad))
+    th_ref = jax.tree.map(lambda t, u: t + u, th, mean(lambda h: h.base_update))
+
+    def err(a, b):
+        return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+    # collectives: one all-reduce in the scanned base step, one in the meta step
+    hlo = dp.lower(state, (xs, ys), meta).compile().as_text()
+    n_all_reduce = len(ALL_REDUCE.findall(hlo))
+    # split the module into computations; the base steps are the scan's while body
+    blocks = dict(re.findall(r"^(?:ENTRY )?(%[\w.-]+) .*?\{\n(.*?)^\}", hlo, re.S | re.M))
+    bodies = set(re.findall(r"body=(%[\w.-]+)", hlo))
+    in_body = sum(len(ALL_REDUCE.findall(blocks[b])) for b in bodies if b in blocks)
+    n_other = len(re.findall(r"(?<![%\w.-])(?:all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(", hlo))
+
+    # replicas stay bit-identical: run several steps, then gather every device's copy
+    st = out
+    for _ in range(5):
+        st, _ = dp(st, (xs, ys), meta)
+    copies = [np.asarray(shard.data) for shard in st.base_params["w"].addressable_shards]
+    lam_copies = [np.asarray(shard.data) for shard in st.meta_params["a"].addressable_shards]
+    replicas_identical = all(c.tobytes() == copies[0].tobytes() for c in copies) and all(
+        c.tobytes() == lam_copies[0].tobytes() for c in lam_copies
+    )
+
+    print(json.dumps({
+        "meta_err": err(out.meta_params, lam_ref),
+        "meta_scale": max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(mean(lambda h: h.meta_grad))),
+        "base_err": err(out.base_params, th_ref),
+        "meta_loss_err": abs(float(metrics["meta_loss"]) - float(mean(lambda h: h.meta_loss))),
+        "all_reduces": n_all_reduce,
+        "all_reduces_in_base_step": in_body,
+        "all_reduces_in_meta_step": n_all_reduce - in_body,
+        "other_collectives": n_other,
+        "replicas_identical": replicas_identical,
+        "n_replicas": len(copies),
+        "finite": bool(jnp.isfinite(metrics["hypergrad_norm"])),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Data parallelism with shard_map on 8 fake CPU devices (run in a subprocess: the device
+count must be set before JAX starts and it slows every other test)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh
+
+import bilevel_jax as bj
+from bilevel_jax.parallel import data_parallel
+
+WORKER = pathlib.Path(__file__).resolve().parent / "_dp_worker.py"
+
+
+@pytest.fixture(scope="module")
+def report():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env["PYTHONPATH"] = str(WORKER.parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_meta_gradient_is_the_mean_of_per_shard_sama(report):
+    assert report["finite"]
+    assert report["meta_err"] <= 1e-10 * report["meta_scale"], report
+
+
+def test_base_steps_equal_full_batch_steps_and_the_base_step_along_v_is_averaged(report):
+    assert report["base_err"] <= 1e-10, report
+
+
+def test_one_all_reduce_per_base_step_and_one_per_meta_step(report):
+    assert report["all_reduces_in_base_step"] == 1, report
+    assert report["all_reduces_in_meta_step"] == 1, report
+    assert report["other_collectives"] == 0, report
+
+
+def test_replicas_stay_bit_identical(report):
+    assert report["n_replicas"] == 8 and report["replicas_identical"], report
+
+
+def test_stateful_models_are_refused_with_a_clear_error():
+    loss = lambda th, lam, b, ms: (0.0, ms)  # noqa: E731
+    step = bj.bilevel_step(loss, loss, optax.sgd(0.1), optax.sgd(0.1), stateful=True)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    with pytest.raises(ValueError, match="stateful=True is not supported yet"):
+        data_parallel(step, mesh)
