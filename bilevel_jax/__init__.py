@@ -5,7 +5,7 @@ Practical", NeurIPS 2023): first-order meta-gradients adapted to the base
 optax optimizer through an analytic adaptation matrix.
 """
 
-from bilevel_jax import adaptation, implicit_diff, linalg, nnx_utils
+from bilevel_jax import adaptation, implicit_diff, linalg, nnx_utils, parallel
 from bilevel_jax._checks import BilevelInputError
 from bilevel_jax.adaptation import AdaptationError, UnsupportedTransformError, adapt, describe
 from bilevel_jax.fit import fit
@@ -72,6 +72,7 @@ __all__ = [
     "linalg",
     "meta_grad",
     "neumann",
+    "parallel",
     "nnx_utils",
     "sama",
     "sama_hypergrad",

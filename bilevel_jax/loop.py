@@ -256,10 +256,12 @@ class BilevelStep:
         meta_dtype = self.meta_compute_dtype
         base_fn = lambda th, lam, b: self._base(model_state, meta_rng, meta_dtype)(th, lam, b)[0]  # noqa: E731
         problem = BilevelProblem(base_fn, self._meta(model_state, meta_rng, meta_dtype), self.base_tx)
+        # under data parallelism every input of the meta step is per-device (local estimates)
         inputs = BilevelInputs(
-            self._local(theta), self._local(state.meta_params), s, last_batch, meta_batch, last_g, last_s
+            *self._local((theta, state.meta_params, s)), last_batch, meta_batch,
+            *self._local((last_g, last_s)),
         )
-        hg, method_state = self.method.hypergrad(problem, inputs, state.method_state)
+        hg, method_state = self.method.hypergrad(problem, inputs, self._local(state.method_state))
         if self.axis_name is not None:  # the mean of per-device estimates, in one all-reduce
             meta_grad, base_update, meta_loss, info, method_state = self._mean(
                 (hg.meta_grad, hg.base_update, hg.meta_loss, hg.info, method_state)
@@ -316,6 +318,7 @@ def bilevel_step(
     use_rng: bool = False,
     compute_dtype: Any = None,
     meta_compute_dtype: Any = None,
+    axis_name: str | None = None,
 ) -> BilevelStep:
     r"""Build the pure, jit-able bilevel step (see the module docstring).
 
@@ -333,6 +336,9 @@ def bilevel_step(
       compute_dtype: e.g. ``jnp.bfloat16`` to run the base steps in bf16 over float32 masters.
       meta_compute_dtype: the dtype the meta step's losses run in (default: the parameters'
         own, float32 under mixed precision; bf16 here breaks SAMA's finite difference).
+      axis_name: inside ``shard_map``/``pmap`` over this axis, average each base step's
+        gradient in one all-reduce and the meta step's per-device results in one more
+        (:func:`bilevel_jax.parallel.data_parallel` sets it for you).
 
     Returns:
       A :class:`BilevelStep`: ``step(state, base_batches, meta_batch) -> (state, metrics)``
@@ -340,7 +346,7 @@ def bilevel_step(
     """
     return BilevelStep(
         base_loss, meta_loss, base_tx, meta_tx, sama() if method is None else method,
-        base_step_along_v, stateful, use_rng, compute_dtype, meta_compute_dtype,
+        base_step_along_v, stateful, use_rng, compute_dtype, meta_compute_dtype, axis_name,
     )
 
 

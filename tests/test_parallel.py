@@ -54,3 +54,25 @@ def test_stateful_models_are_refused_with_a_clear_error():
     mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
     with pytest.raises(ValueError, match="stateful=True is not supported yet"):
         data_parallel(step, mesh)
+
+
+def test_comm_report_every_method_needs_one_all_reduce_per_step(tmp_path):
+    """`python -m experiments.comm_report`: 1 all-reduce per base step and per meta step."""
+    path = tmp_path / "comm.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(WORKER.parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("XLA_FLAGS", None)  # the module sets 8 fake devices itself
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.comm_report", "--json", str(path)],
+        cwd=WORKER.parents[1], env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(path.read_text())
+    n_theta, n_lam = result["config"]["n_theta"], result["config"]["n_lambda"]
+    for name in ("sama", "sama_na", "darts", "neumann", "cg", "itd", "dds", "soba"):
+        r = result[name]
+        assert r["base_step_allreduces"] == 1 and r["meta_step_allreduces"] == 1, (name, r)
+        assert r["other_collectives"] == 0, (name, r)
+        assert r["base_step_bytes"] == 4 * (n_theta + 1), (name, r)  # gradient + loss, float32
+        assert r["meta_step_allreduces"] < r["naive_meta_step_allreduces"], (name, r)
+    assert result["sama"]["meta_step_bytes"] < 4 * (n_lam + 8)  # λ-sized: no θ-sized buffer
