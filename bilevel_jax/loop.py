@@ -125,8 +125,16 @@ class BilevelStep:
     compute_dtype: Any = None
     meta_compute_dtype: Any = None
     axis_name: str | None = None
+    sync: str = "mean"
 
     def __post_init__(self):
+        if self.sync not in ("mean", "exact"):
+            raise ValueError(f"sync must be 'mean' or 'exact', got {self.sync!r}")
+        if self.sync == "exact" and not hasattr(self.method, "axis_name"):
+            raise ValueError(
+                f"sync='exact' is implemented for SAMA-type methods (sama, sama_na, darts); "
+                f"{self.method.name} supports the default sync='mean' (mean of per-device estimates)"
+            )
         if self.axis_name is not None and self.stateful:
             raise ValueError(
                 "data parallelism (axis_name) with stateful=True is not supported yet: the "
@@ -261,7 +269,10 @@ class BilevelStep:
             *self._local((theta, state.meta_params, s)), last_batch, meta_batch,
             *self._local((last_g, last_s)),
         )
-        hg, method_state = self.method.hypergrad(problem, inputs, self._local(state.method_state))
+        method = self.method
+        if self.sync == "exact" and self.axis_name is not None:
+            method = dataclasses.replace(method, axis_name=self.axis_name)
+        hg, method_state = method.hypergrad(problem, inputs, self._local(state.method_state))
         if self.axis_name is not None:  # the mean of per-device estimates, in one all-reduce
             meta_grad, base_update, meta_loss, info, method_state = self._mean(
                 (hg.meta_grad, hg.base_update, hg.meta_loss, hg.info, method_state)
@@ -319,6 +330,7 @@ def bilevel_step(
     compute_dtype: Any = None,
     meta_compute_dtype: Any = None,
     axis_name: str | None = None,
+    sync: str = "mean",
 ) -> BilevelStep:
     r"""Build the pure, jit-able bilevel step (see the module docstring).
 
@@ -339,6 +351,10 @@ def bilevel_step(
       axis_name: inside ``shard_map``/``pmap`` over this axis, average each base step's
         gradient in one all-reduce and the meta step's per-device results in one more
         (:func:`bilevel_jax.parallel.data_parallel` sets it for you).
+      sync: ``"mean"`` (default): the meta step's result is the mean of per-device estimates
+        (one all-reduce; the SAMA paper's and Betty's semantics). ``"exact"`` (SAMA-type
+        methods): d and the fresh adaptation gradient are averaged first, so the result equals
+        the single-device full-batch one (two to three all-reduces).
 
     Returns:
       A :class:`BilevelStep`: ``step(state, base_batches, meta_batch) -> (state, metrics)``
@@ -346,7 +362,7 @@ def bilevel_step(
     """
     return BilevelStep(
         base_loss, meta_loss, base_tx, meta_tx, sama() if method is None else method,
-        base_step_along_v, stateful, use_rng, compute_dtype, meta_compute_dtype, axis_name,
+        base_step_along_v, stateful, use_rng, compute_dtype, meta_compute_dtype, axis_name, sync,
     )
 
 

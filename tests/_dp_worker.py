@@ -19,7 +19,7 @@ import optax  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 import bilevel_jax as bj  # noqa: E402
-from bilevel_jax.parallel import data_parallel  # noqa: E402
+from bilevel_jax.parallel import collective_report, data_parallel  # noqa: E402
 
 N_DEV, K, B, F, NM = 8, 3, 32, 5, 16  # B and NM split into 8 shards of 4 and 2
 ALL_REDUCE = re.compile(r"(?<![%\w.-])all-reduce(?:-start)?\(")  # DESIGN §4
@@ -93,7 +93,19 @@ def main():
         c.tobytes() == lam_copies[0].tobytes() for c in lam_copies
     )
 
+    # sync="exact": d and the fresh adaptation gradient are averaged first -> full-batch result
+    exact_method = bj.sama(0.1, base_step=True)
+    step_exact = bj.bilevel_step(base_loss, meta_loss, btx, mtx, exact_method,
+                                 base_step_along_v=True, sync="exact")
+    dp_exact = jax.jit(data_parallel(step_exact, mesh))
+    out_e, _ = dp_exact(state, (xs, ys), meta)
+    ref_e, _ = jax.jit(step_exact)(state, (xs, ys), meta)  # one device, full batches
+    exact_report = collective_report(dp_exact.lower(state, (xs, ys), meta).compile().as_text())
+
     print(json.dumps({
+        "exact_meta_err": err(out_e.meta_params, ref_e.meta_params),
+        "exact_base_err": err(out_e.base_params, ref_e.base_params),
+        "exact_meta_step_allreduces": exact_report["outside_loops"],
         "meta_err": err(out.meta_params, lam_ref),
         "meta_scale": max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(mean(lambda h: h.meta_grad))),
         "base_err": err(out.base_params, th_ref),

@@ -76,3 +76,18 @@ def test_comm_report_every_method_needs_one_all_reduce_per_step(tmp_path):
         assert r["base_step_bytes"] == 4 * (n_theta + 1), (name, r)  # gradient + loss, float32
         assert r["meta_step_allreduces"] < r["naive_meta_step_allreduces"], (name, r)
     assert result["sama"]["meta_step_bytes"] < 4 * (n_lam + 8)  # λ-sized: no θ-sized buffer
+
+
+def test_exact_sync_equals_single_device_full_batch(report):
+    assert report["exact_meta_err"] <= 1e-10 * report["meta_scale"], report
+    assert report["exact_base_err"] <= 1e-10, report
+    # d, ∇_λL_m and the fresh gradient are averaged first (XLA may combine those reductions)
+    assert 2 <= report["exact_meta_step_allreduces"] <= 3, report
+
+
+def test_exact_sync_is_refused_for_methods_without_it_and_bad_sync_values():
+    loss = lambda th, lam, b: 0.0  # noqa: E731
+    with pytest.raises(ValueError, match="sync='exact' is implemented for SAMA-type"):
+        bj.bilevel_step(loss, loss, optax.sgd(0.1), optax.sgd(0.1), bj.cg(3), sync="exact")
+    with pytest.raises(ValueError, match="sync must be"):
+        bj.bilevel_step(loss, loss, optax.sgd(0.1), optax.sgd(0.1), sync="sometimes")

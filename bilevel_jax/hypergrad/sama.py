@@ -60,6 +60,7 @@ def sama_hypergrad(
     last_opt_state: optax.OptState | None = None,
     difference: Literal["vmap", "sequential"] = "vmap",
     direct: bool = True,
+    axis_name: str | None = None,
 ) -> Hypergrad:
     r"""SAMA meta-gradient for one meta step (pure and jit-able).
 
@@ -87,6 +88,11 @@ def sama_hypergrad(
       difference: ``"vmap"`` evaluates both λ-gradients in one batched pass
         (faster, 2× activations); ``"sequential"`` one after the other (leaner).
       direct: include the direct term ∇_λ L_m (zero when L_m ignores λ).
+      axis_name: exact data parallelism inside ``shard_map``/``pmap``: d, ∇_λL_m and the fresh
+        adaptation gradient are averaged over this axis before the (local) central
+        difference, so that averaging the returned local results equals the full-batch
+        single-device result (for mean losses over equal shards). Costs one all-reduce for
+        d and ∇_λL_m and one for the fresh gradient.
 
     Returns:
       A :class:`Hypergrad` whose ``base_update`` is ``−εv`` in θ's dtype and whose
@@ -107,6 +113,8 @@ def sama_hypergrad(
     inputs = BilevelInputs(base_params, meta_params, base_opt_state, base_batch, meta_batch)
     check_problem(problem, inputs)
     meta_val, d, direct_grad = meta_value_and_grads(problem, inputs)
+    if axis_name is not None:
+        d, direct_grad = jax.lax.pmean((d, direct_grad), axis_name)
 
     if adapt:
         if adapt_from == "last":
@@ -118,6 +126,8 @@ def sama_hypergrad(
             g, s = last_grad, last_opt_state
         else:
             g, s = jax.grad(base_loss)(base_params, meta_params, base_batch), base_opt_state
+            if axis_name is not None:
+                g = jax.lax.pmean(g, axis_name)
         v = _adapt(base_tx, d, grads=g, state=s, params=base_params)
     else:
         v = d
@@ -146,6 +156,8 @@ class SAMA:
       adapt_from: ``"fresh"`` or ``"last"`` (see :func:`sama_hypergrad`).
       difference: ``"vmap"`` or ``"sequential"``.
       base_step: whether callers should apply the returned base step along v.
+      axis_name: exact synchronisation over this device axis (see :func:`sama_hypergrad`);
+        set by ``bilevel_step(..., sync="exact")``.
     """
 
     alpha: float = 1.0
@@ -154,6 +166,7 @@ class SAMA:
     difference: Literal["vmap", "sequential"] = "vmap"
     base_step: bool = False
     name: str = "sama"
+    axis_name: str | None = None
     info_keys = ("eps", "v_norm")
 
     def init(self, base_params: PyTree, meta_params: PyTree) -> optax.EmptyState:
@@ -180,6 +193,7 @@ class SAMA:
             last_grad=inputs.last_grad,
             last_opt_state=inputs.last_opt_state,
             difference=self.difference,
+            axis_name=self.axis_name,
         )
         if not self.base_step:
             out = out._replace(base_update=None)
