@@ -20,7 +20,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.flatten_util import ravel_pytree
 from jax.scipy.sparse import linalg as sparse_linalg
 
@@ -127,8 +126,3 @@ def get_solver(solve: str | Callable) -> Callable:
         return SOLVERS[solve]
     except KeyError:
         raise ValueError(f"unknown linear solver {solve!r}; choose one of {sorted(SOLVERS)}") from None
-
-
-def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
-    """``⟨a, b⟩`` summed over all leaves."""
-    return optax.tree.vdot(a, b)
