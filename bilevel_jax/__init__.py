@@ -5,7 +5,7 @@ Practical", NeurIPS 2023): first-order meta-gradients adapted to the base
 optax optimizer through an analytic adaptation matrix.
 """
 
-from bilevel_jax import adaptation, implicit_diff, linalg, nnx_utils, parallel
+from bilevel_jax import adaptation, distributed, implicit_diff, linalg, nnx_utils, parallel
 from bilevel_jax._checks import BilevelInputError
 from bilevel_jax.adaptation import AdaptationError, UnsupportedTransformError, adapt, describe
 from bilevel_jax.fit import fit
@@ -64,6 +64,7 @@ __all__ = [
     "darts_second_order",
     "dds",
     "describe",
+    "distributed",
     "exact",
     "fit",
     "implicit_diff",

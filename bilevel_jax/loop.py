@@ -29,6 +29,13 @@ the base steps, and the meta step sees it as a constant.
 **RNG.** With ``use_rng=True`` the losses also receive ``rng=`` (a fresh key per base
 step, and one for the meta step) split from ``state.rng``.
 
+**Data parallelism** (``axis_name``, set by :func:`bilevel_jax.parallel.data_parallel`).
+Each base step averages the gradient, the loss and — with ``stateful=True`` — the new model
+state across devices in one all-reduce (batch statistics become the mean of the devices'
+statistics, as with synchronised running averages); the meta step averages its results in
+one more. With ``use_rng=True`` each device folds its index into the keys, so dropout masks
+differ across shards while ``state.rng`` stays replicated.
+
 **Mixed precision.** With ``compute_dtype=jnp.bfloat16`` the *base steps* see θ, λ and the
 floating batch leaves cast to bf16, while the master parameters, gradients and optimizer
 states stay in float32. The meta step runs in float32 unless ``meta_compute_dtype`` says
@@ -102,6 +109,10 @@ def _select(ok, new, old):
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
+def _inexact(x) -> bool:
+    return jnp.issubdtype(x.dtype if hasattr(x, "dtype") else jnp.result_type(x), jnp.inexact)
+
+
 def _cast_floats(tree, dtype):
     if dtype is None:
         return tree
@@ -135,30 +146,39 @@ class BilevelStep:
                 f"sync='exact' is implemented for SAMA-type methods (sama, sama_na, darts); "
                 f"{self.method.name} supports the default sync='mean' (mean of per-device estimates)"
             )
-        if self.axis_name is not None and self.stateful:
-            raise ValueError(
-                "data parallelism (axis_name) with stateful=True is not supported yet: the "
-                "model state (e.g. batch statistics) would need its own cross-device reduction"
-            )
 
     def _local(self, tree):
-        """Mark replicated values as per-device, so gradients stay local (DESIGN §4)."""
+        """Mark replicated floating values as per-device, so gradients stay local (DESIGN §4)."""
         if self.axis_name is None:
             return tree
-        return jax.tree.map(lambda x: jax.lax.pcast(x, self.axis_name, to="varying"), tree)
+        return jax.tree.map(
+            lambda x: jax.lax.pcast(x, self.axis_name, to="varying") if _inexact(x) else x, tree
+        )
 
     def _mean(self, tree):
-        """One all-reduce: flatten ``tree`` into one buffer and average it over devices."""
+        """One all-reduce: flatten the floating leaves of ``tree`` into one buffer and average
+        it over devices. Other leaves (counters, PRNG keys) must already agree across devices
+        (they do when they do not depend on the data) and are passed through."""
         if self.axis_name is None:
             return tree
-        flat, unravel = ravel_pytree(tree)
-        return unravel(jax.lax.pmean(flat, self.axis_name))
+        leaves, treedef = jax.tree.flatten(tree)
+        idx = [i for i, x in enumerate(leaves) if _inexact(x)]
+        flat, unravel = ravel_pytree([leaves[i] for i in idx])
+        for i, m in zip(idx, unravel(jax.lax.pmean(flat, self.axis_name))):
+            leaves[i] = m
+        return jax.tree.unflatten(treedef, leaves)
+
+    def _key(self, rng):
+        """Under data parallelism each device draws its own randomness (dropout masks…)."""
+        if self.axis_name is None:
+            return rng
+        return jax.random.fold_in(rng, jax.lax.axis_index(self.axis_name))
 
     # -- losses in the (θ, λ, batch) form the methods expect ------------------------------------
     def _base(self, model_state, rng, dtype):
         def loss(theta, lam, batch):
             args = _cast_floats((theta, lam, batch), dtype)
-            kw = {"rng": rng} if self.use_rng else {}
+            kw = {"rng": self._key(rng)} if self.use_rng else {}
             if self.stateful:
                 out, new_state = self.base_loss(*args, model_state, **kw)
             else:
@@ -170,7 +190,7 @@ class BilevelStep:
     def _meta(self, model_state, rng, dtype):
         def loss(theta, lam, batch):
             args = _cast_floats((theta, lam, batch), dtype)
-            kw = {"rng": rng} if self.use_rng else {}
+            kw = {"rng": self._key(rng)} if self.use_rng else {}
             out = self.meta_loss(*args, model_state, **kw) if self.stateful else self.meta_loss(*args, **kw)
             return jnp.asarray(out, jnp.promote_types(out.dtype, jnp.float32))
 
@@ -239,7 +259,8 @@ class BilevelStep:
             (loss, new_model_state), g = jax.value_and_grad(
                 self._base(model_state, key, self.compute_dtype), has_aux=True
             )(self._local(theta), self._local(state.meta_params), batch)
-            g, loss = self._mean((g, loss))
+            # one all-reduce: the gradient, the loss and (stateful models) the new model state
+            g, loss, new_model_state = self._mean((g, loss, new_model_state))
             upd, s_new = self.base_tx.update(g, s, theta)
             ok = jnp.isfinite(loss) & all_finite(g, upd)
             theta_new = optax.apply_updates(theta, upd)

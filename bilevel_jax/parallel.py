@@ -36,7 +36,8 @@ def data_parallel(step: BilevelStep, mesh: Mesh, *, axis_name: str = "data") -> 
     """Run ``step`` data-parallel over ``mesh[axis_name]``.
 
     Args:
-      step: a :class:`~bilevel_jax.BilevelStep` (``stateful=True`` is not supported yet).
+      step: a :class:`~bilevel_jax.BilevelStep`. With ``stateful=True`` the model state is
+        averaged across devices inside the base step's all-reduce.
       mesh: a mesh with an ``axis_name`` axis, e.g. ``Mesh(np.array(jax.devices()), ("data",))``
         (with ``jax.make_mesh`` pass ``axis_types=(jax.sharding.AxisType.Auto,)``).
       axis_name: the mesh axis the batches are split over.

@@ -3,6 +3,7 @@
 Prints one JSON line with the measured errors and collective counts.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -102,7 +103,60 @@ def main():
     ref_e, _ = jax.jit(step_exact)(state, (xs, ys), meta)  # one device, full batches
     exact_report = collective_report(dp_exact.lower(state, (xs, ys), meta).compile().as_text())
 
+    # pmap: the same step with axis_name inside jax.pmap gives the shard_map result
+    pstep = jax.pmap(dataclasses.replace(step, axis_name="data"), axis_name="data")
+    stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (N_DEV,) + x.shape), state)
+    pbase = jax.tree.map(lambda x: jnp.moveaxis(x.reshape(K, N_DEV, -1, *x.shape[2:]), 1, 0), (xs, ys))
+    pmeta = jax.tree.map(lambda x: x.reshape(N_DEV, -1, *x.shape[1:]), meta)
+    pout, _ = pstep(stacked, pbase, pmeta)
+    pmap_err = err(jax.tree.map(lambda x: x[0], (pout.base_params, pout.meta_params)),
+                   (out.base_params, out.meta_params))
+    pmap_replicas_err = max(float(jnp.max(jnp.abs(x - x[0]))) for x in jax.tree.leaves(pout.base_params))
+
+    # stateful model: a running mean of the batch's features, averaged across devices in the
+    # base step's all-reduce; with sync="exact" the whole step equals the full-batch one
+    def sbase(th, lam, batch, ms):
+        new = {"mu": 0.9 * ms["mu"] + 0.1 * jnp.mean(batch[0], axis=0)}
+        return base_loss(th, lam, batch) + 0.1 * jnp.sum(ms["mu"] * th["w"]), new
+
+    def smeta(th, lam, batch, ms):
+        return meta_loss(th, lam, batch) + 0.1 * jnp.sum(ms["mu"] * th["w"])
+
+    sstep = bj.bilevel_step(sbase, smeta, btx, mtx, bj.sama(0.1), stateful=True, sync="exact")
+    sstate = sstep.init(th0, lam0, model_state={"mu": jnp.zeros(F)})
+    s_dp, _ = jax.jit(data_parallel(sstep, mesh))(sstate, (xs, ys), meta)
+    s_ref, _ = jax.jit(sstep)(sstate, (xs, ys), meta)
+    stateful_err = err((s_dp.base_params, s_dp.meta_params, s_dp.model_state),
+                       (s_ref.base_params, s_ref.meta_params, s_ref.model_state))
+
+    # use_rng: device d draws with fold_in(key, d); reference: the mean over d of the
+    # shard gradients with those keys (base steps only; the meta step does not move θ here)
+    def rbase(th, lam, batch, *, rng):
+        return base_loss(th, lam, batch) + 0.1 * jnp.sum(jax.random.normal(rng, (F,)) * th["w"])
+
+    def rmeta(th, lam, batch, *, rng):
+        return meta_loss(th, lam, batch)
+
+    rstep = bj.bilevel_step(rbase, rmeta, btx, mtx, bj.sama(0.1), use_rng=True)
+    rstate = rstep.init(th0, lam0, rng=jax.random.PRNGKey(3))
+    r_dp, _ = jax.jit(data_parallel(rstep, mesh))(rstate, (xs, ys), meta)
+    _, base_rng, _ = jax.random.split(rstate.rng, 3)
+    keys = jax.random.split(base_rng, K)
+    th, s = th0, btx.init(th0)
+    for i in range(K):
+        shard = lambda x, d: x[i, d * 4:(d + 1) * 4]  # noqa: E731
+        grads = [jax.grad(rbase)(th, lam0, (shard(xs, d), shard(ys, d)), rng=jax.random.fold_in(keys[i], d))
+                 for d in range(N_DEV)]
+        g = jax.tree.map(lambda *gs: sum(gs) / N_DEV, *grads)
+        upd, s = btx.update(g, s, th)
+        th = optax.apply_updates(th, upd)
+    rng_err = err(r_dp.base_params, th)
+
     print(json.dumps({
+        "pmap_err": pmap_err,
+        "pmap_replicas_err": pmap_replicas_err,
+        "stateful_exact_err": stateful_err,
+        "rng_err": rng_err,
         "exact_meta_err": err(out_e.meta_params, ref_e.meta_params),
         "exact_base_err": err(out_e.base_params, ref_e.base_params),
         "exact_meta_step_allreduces": exact_report["outside_loops"],

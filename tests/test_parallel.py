@@ -7,14 +7,10 @@ import pathlib
 import subprocess
 import sys
 
-import jax
-import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh
 
 import bilevel_jax as bj
-from bilevel_jax.parallel import data_parallel
 
 WORKER = pathlib.Path(__file__).resolve().parent / "_dp_worker.py"
 
@@ -48,12 +44,17 @@ def test_replicas_stay_bit_identical(report):
     assert report["n_replicas"] == 8 and report["replicas_identical"], report
 
 
-def test_stateful_models_are_refused_with_a_clear_error():
-    loss = lambda th, lam, b, ms: (0.0, ms)  # noqa: E731
-    step = bj.bilevel_step(loss, loss, optax.sgd(0.1), optax.sgd(0.1), stateful=True)
-    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
-    with pytest.raises(ValueError, match="stateful=True is not supported yet"):
-        data_parallel(step, mesh)
+def test_the_step_runs_under_pmap_with_the_same_result(report):
+    """``bilevel_step(axis_name=)`` inside ``jax.pmap`` equals the shard_map version."""
+    assert report["pmap_err"] <= 1e-12 and report["pmap_replicas_err"] == 0.0, report
+
+
+def test_stateful_models_average_their_state_and_exact_sync_equals_full_batch(report):
+    assert report["stateful_exact_err"] <= 1e-10, report
+
+
+def test_each_device_draws_its_own_randomness(report):
+    assert report["rng_err"] <= 1e-10, report
 
 
 def test_comm_report_every_method_needs_one_all_reduce_per_step(tmp_path):
