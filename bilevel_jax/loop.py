@@ -253,35 +253,45 @@ class BilevelStep:
         k = jax.tree.leaves(base_batches)[0].shape[0]
         base_keys = jax.random.split(base_rng, k)
 
-        def base_step(carry, xs):
-            theta, s, model_state, last_g, last_s, skipped = carry
-            batch, key = xs
+        def base_step(carry, batch, key):
+            """One base step; also returns its gradient and pre-update state (for "last")."""
+            theta, s, model_state, skipped = carry
             (loss, new_model_state), g = jax.value_and_grad(
                 self._base(model_state, key, self.compute_dtype), has_aux=True
             )(self._local(theta), self._local(state.meta_params), batch)
             # one all-reduce: the gradient, the loss and (stateful models) the new model state
             g, loss, new_model_state = self._mean((g, loss, new_model_state))
-            upd, s_new = self.base_tx.update(g, s, theta)
-            ok = jnp.isfinite(loss) & all_finite(g, upd)
-            theta_new = optax.apply_updates(theta, upd)
-            carry = (
-                _select(ok, theta_new, theta),
-                _select(ok, s_new, s),
-                _select(ok, new_model_state, model_state),
-                _select(ok, g, last_g),
-                _select(ok, s, last_s),
-                skipped + (~ok).astype(jnp.int32),
+            # Like optax.apply_if_finite, the gradient (and loss) is checked, not the update,
+            # and the update runs under lax.cond rather than being computed and then selected
+            # with jnp.where: measured on the 784-1024-1024-10 MLP, checking g and the update
+            # and selecting cost 17 % of a base step, the cond costs nothing measurable.
+            ok = jnp.isfinite(loss) & all_finite(g)
+
+            def apply(_):
+                upd, s_new = self.base_tx.update(g, s, theta)
+                return optax.apply_updates(theta, upd), s_new, new_model_state
+
+            theta_new, s_new, model_state = jax.lax.cond(
+                ok, apply, lambda _: (theta, s, model_state), None
             )
-            return carry, (loss, ok)
+            return (theta_new, s_new, model_state, skipped + (~ok).astype(jnp.int32)), (loss, ok), (g, s)
 
-        zeros = jax.tree.map(jnp.zeros_like, state.base_params)
-        init = (state.base_params, state.base_opt_state, state.model_state, zeros,
-                state.base_opt_state, jnp.zeros([], jnp.int32))
-        (theta, s, model_state, last_g, last_s, n_skip), (losses, oks) = jax.lax.scan(
-            base_step, init, (base_batches, base_keys)
+        # K − 1 steps in a scan and the last one outside it, so that the last step's gradient
+        # and state (SAMA's adapt_from="last") come for free instead of being carried through
+        # every step (measured: carrying them cost 18 % of a base step on a 1.9M-param MLP)
+        init = (state.base_params, state.base_opt_state, state.model_state, jnp.zeros([], jnp.int32))
+        base_batches = jax.tree.map(jnp.asarray, base_batches)
+        carry, (losses, oks) = jax.lax.scan(  # indexes the batches in place (no sliced copy)
+            lambda c, i: base_step(c, jax.tree.map(lambda x: x[i], base_batches), base_keys[i])[:2],
+            init, jnp.arange(k - 1),
         )
-
         last_batch = jax.tree.map(lambda x: x[-1], base_batches)
+        (theta, s, model_state, n_skip), (loss_k, ok_k), (last_g, last_s) = base_step(
+            carry, last_batch, base_keys[-1]
+        )
+        losses = jnp.concatenate([losses, loss_k[None]])
+        oks = jnp.concatenate([oks, ok_k[None]])
+
         meta_dtype = self.meta_compute_dtype
         base_fn = lambda th, lam, b: self._base(model_state, meta_rng, meta_dtype)(th, lam, b)[0]  # noqa: E731
         problem = BilevelProblem(base_fn, self._meta(model_state, meta_rng, meta_dtype), self.base_tx)

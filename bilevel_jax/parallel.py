@@ -74,27 +74,37 @@ def _nbytes(shape_text: str) -> int:
 
 
 def collective_report(compiled_text: str) -> dict:
-    """Count all-reduces in compiled HLO text and split them by where they run.
+    """Count the all-reduces of a compiled :func:`data_parallel` bilevel step (K ≥ 2).
 
-    Returns ``{"all_reduces", "in_loop_body", "outside_loops", "bytes_in_loop_body",
-    "bytes_outside_loops", "other_collectives"}``. In a :func:`data_parallel` bilevel step,
-    the scan over base steps is a while loop: its body holds the base step's reduction (run K
-    times), and the meta step's reduction is outside any loop.
+    The step runs K − 1 base steps in a ``lax.scan`` (a while loop whose body holds one base
+    step's reductions), the last base step unrolled after it (so its gradient is free for
+    SAMA's ``adapt_from="last"``) and then the meta step. So per bilevel step
+
+        total = K · base_step + meta_step,   outside the loop = base_step + meta_step.
+
+    Returns ``{"base_step_allreduces", "base_step_bytes", "meta_step_allreduces",
+    "meta_step_bytes", "all_reduces", "in_loop_body", "outside_loops", "other_collectives"}``,
+    the first four derived as above from the raw counts that follow.
     """
     blocks = dict(re.findall(r"^(?:ENTRY )?(%[\w.-]+) .*?\{\n(.*?)^\}", compiled_text, re.S | re.M))
     bodies = set(re.findall(r"body=(%[\w.-]+)", compiled_text))
     in_body = [line for b in bodies if b in blocks for line in blocks[b].splitlines()
                if _ALL_REDUCE.search(line)]
     everywhere = [line for line in compiled_text.splitlines() if _ALL_REDUCE.search(line)]
+    if not bodies:
+        raise ValueError("no while loop in the compiled step: collective_report needs K >= 2 base steps")
 
     def size(lines):
         return sum(_nbytes(m.group(1)) for line in lines if (m := _SHAPE.search(line)))
 
+    outside, bytes_outside = len(everywhere) - len(in_body), size(everywhere) - size(in_body)
     return {
+        "base_step_allreduces": len(in_body),
+        "base_step_bytes": size(in_body),
+        "meta_step_allreduces": outside - len(in_body),
+        "meta_step_bytes": bytes_outside - size(in_body),
         "all_reduces": len(everywhere),
         "in_loop_body": len(in_body),
-        "outside_loops": len(everywhere) - len(in_body),
-        "bytes_in_loop_body": size(in_body),
-        "bytes_outside_loops": size(everywhere) - size(in_body),
+        "outside_loops": outside,
         "other_collectives": len(_OTHER.findall(compiled_text)),
     }

@@ -98,17 +98,17 @@ def report(devices: int = 8) -> dict:
         r = collective_report(text)
         sizes = naive(n_theta, n_lam)
         out[name] = {
-            "base_step_allreduces": r["in_loop_body"],
-            "meta_step_allreduces": r["outside_loops"],
-            "base_step_bytes": r["bytes_in_loop_body"],
-            "meta_step_bytes": r["bytes_outside_loops"],
+            "base_step_allreduces": r["base_step_allreduces"],
+            "meta_step_allreduces": r["meta_step_allreduces"],
+            "base_step_bytes": r["base_step_bytes"],
+            "meta_step_bytes": r["meta_step_bytes"],
             "other_collectives": r["other_collectives"],
             "naive_meta_step_allreduces": len(sizes),
             "naive_meta_step_bytes": 4 * sum(sizes),
             "compile_s": round(time.perf_counter() - t0, 2),
         }
-        print(f"{name:8s} base {r['in_loop_body']} ({r['bytes_in_loop_body']:,} B)  meta "
-              f"{r['outside_loops']} ({r['bytes_outside_loops']:,} B)  naive {len(sizes)} "
+        print(f"{name:8s} base {r['base_step_allreduces']} ({r['base_step_bytes']:,} B)  meta "
+              f"{r['meta_step_allreduces']} ({r['meta_step_bytes']:,} B)  naive {len(sizes)} "
               f"({4 * sum(sizes):,} B)", flush=True)
     return out
 

@@ -75,8 +75,8 @@ def main():
         "theta": host[0]["w"].tolist(),
         "lam": {k: v.tolist() for k, v in host[1].items()},
         "metrics": metrics,
-        "all_reduces_in_base_step": report["in_loop_body"],
-        "all_reduces_in_meta_step": report["outside_loops"],
+        "all_reduces_in_base_step": report["base_step_allreduces"],
+        "all_reduces_in_meta_step": report["meta_step_allreduces"],
     }), flush=True)
 
 
