@@ -424,6 +424,22 @@ class Runner:
         return out
 
 
+def provenance() -> dict:
+    """The git commit of the checkout and whether the library (``bilevel_jax/``) had local changes."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"git_commit": git("rev-parse", "HEAD"),
+            "library_locally_modified": bool(git("status", "--porcelain", "--", "bilevel_jax"))}
+
+
 def summarize(values: list[float], seeds: list[int]) -> dict:
     """``{"mean", "std", "seeds", "acc"}`` of per-seed values (population std)."""
     a = np.asarray(values, np.float64)
@@ -566,6 +582,7 @@ def run(
     result["config"] = {**dataclasses.asdict(cfg), "steps": steps, "seeds": list(seeds),
                         "settings": {s: SETTINGS[s] for s in settings}, "methods": list(methods)}
     result["data"] = dict(ds.source)
+    result["provenance"] = provenance()
     result["wall_s"] = time.perf_counter() - t_start
     return result
 

@@ -359,6 +359,7 @@ def run(seeds: list[int], config: Config | None = None, ratios=RATIOS, methods=M
     result["config"] = {**dataclasses.asdict(cfg), "seeds": list(seeds), "ratios": list(ratios),
                         "methods": list(methods)}
     result["data"] = dict(ds.source)
+    result["provenance"] = nl.provenance()
     result["per_seed_records"] = curve_records
     result["wall_s"] = time.perf_counter() - t_start
     return result
