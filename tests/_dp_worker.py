@@ -20,21 +20,11 @@ import optax  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 import bilevel_jax as bj  # noqa: E402
+from _dp_problem import base_loss, meta_loss  # noqa: E402
 from bilevel_jax.parallel import collective_report, data_parallel  # noqa: E402
 
 N_DEV, K, B, F, NM = 8, 3, 32, 5, 16  # B and NM split into 8 shards of 4 and 2
 ALL_REDUCE = re.compile(r"(?<![%\w.-])all-reduce(?:-start)?\(")  # DESIGN §4
-
-
-def base_loss(th, lam, batch):
-    x, y = batch
-    r = jnp.tanh(x @ th["w"]) - y
-    return jnp.mean(jax.nn.softplus(x @ lam["a"]) * r**2) + jnp.sum(lam["c"] * th["w"] ** 2)
-
-
-def meta_loss(th, lam, batch):
-    x, y = batch
-    return jnp.mean((jnp.tanh(x @ th["w"]) - y) ** 2)
 
 
 def main():

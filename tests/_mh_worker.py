@@ -31,20 +31,10 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import bilevel_jax as bj  # noqa: E402
+from _dp_problem import base_loss, meta_loss  # noqa: E402
 from bilevel_jax.parallel import collective_report, data_parallel  # noqa: E402
 
 STEPS, K, B, F, NM = 4, 3, 32, 5, 16
-
-
-def base_loss(th, lam, batch):
-    x, y = batch
-    r = jnp.tanh(x @ th["w"]) - y
-    return jnp.mean(jax.nn.softplus(x @ lam["a"]) * r**2) + jnp.sum(lam["c"] * th["w"] ** 2)
-
-
-def meta_loss(th, lam, batch):
-    x, y = batch
-    return jnp.mean((jnp.tanh(x @ th["w"]) - y) ** 2)
 
 
 def main():

@@ -93,3 +93,25 @@ def test_exact_sync_is_refused_for_methods_without_it_and_bad_sync_values():
         bj.bilevel_step(loss, loss, optax.sgd(0.1), optax.sgd(0.1), bj.cg(3), sync="exact")
     with pytest.raises(ValueError, match="sync must be"):
         bj.bilevel_step(loss, loss, optax.sgd(0.1), optax.sgd(0.1), sync="sometimes")
+
+
+def test_collective_report_splits_base_and_meta_step_reductions():
+    from bilevel_jax.parallel import collective_report
+
+    hlo = (
+        "%body.1 (p: f32[4]) -> f32[4] {\n"
+        "  %ar = f32[4]{0} all-reduce(f32[4]{0} %p), replica_groups={}\n"
+        "}\n"
+        "ENTRY %main (a: f32[4]) -> f32[4] {\n"
+        "  %w = f32[4]{0} while(f32[4]{0} %a), condition=%cond.1, body=%body.1\n"
+        "  %ar.2 = f32[4]{0} all-reduce(f32[4]{0} %w), replica_groups={}\n"
+        "  %ar.3 = (f32[2]{0}, f32[]) all-reduce(f32[2]{0} %x, f32[] %y), replica_groups={}\n"
+        "  %all-reduce-done.9 = f32[4]{0} copy(f32[4]{0} %ar.2)\n"
+        "}\n"
+    )
+    r = collective_report(hlo)
+    assert r["base_step_allreduces"] == 1 and r["base_step_bytes"] == 16
+    assert r["meta_step_allreduces"] == 1 and r["meta_step_bytes"] == 12  # 2 floats + 1 float
+    assert r["all_reduces"] == 3  # "all-reduce-done" names are not counted
+    with pytest.raises(ValueError, match="K >= 2"):
+        collective_report("ENTRY %main () -> f32[] {\n}\n")
