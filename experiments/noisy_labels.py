@@ -482,6 +482,7 @@ def run(
     settings = list(SETTINGS) if settings is None else list(settings)
     ds = data_lib.load_mnist5k()
     print(f"data: {ds.source['path']}  sha256={ds.source['sha256']}", flush=True)
+    prov = provenance()  # at the start: the code this process imported
     timer = _Timer()
     runners: dict[str, Runner] = {}
     jobs = [(s, seed) for s in settings for seed in seeds]
@@ -582,7 +583,7 @@ def run(
     result["config"] = {**dataclasses.asdict(cfg), "steps": steps, "seeds": list(seeds),
                         "settings": {s: SETTINGS[s] for s in settings}, "methods": list(methods)}
     result["data"] = dict(ds.source)
-    result["provenance"] = provenance()
+    result["provenance"] = prov
     result["wall_s"] = time.perf_counter() - t_start
     return result
 

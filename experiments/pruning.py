@@ -280,6 +280,7 @@ def run(seeds: list[int], config: Config | None = None, ratios=RATIOS, methods=M
     cfg = config or Config()
     ds = data_lib.load_mnist5k()
     print(f"data: {ds.source['path']}  sha256={ds.source['sha256']}", flush=True)
+    prov = nl.provenance()  # at the start: the code this process imported
     study = Study(cfg)
     acc = {r: {m: [] for m in methods} for r in ratios}
     full_acc, full_t, search_t = [], [], {m: [] for m in methods}
@@ -359,7 +360,7 @@ def run(seeds: list[int], config: Config | None = None, ratios=RATIOS, methods=M
     result["config"] = {**dataclasses.asdict(cfg), "seeds": list(seeds), "ratios": list(ratios),
                         "methods": list(methods)}
     result["data"] = dict(ds.source)
-    result["provenance"] = nl.provenance()
+    result["provenance"] = prov
     result["per_seed_records"] = curve_records
     result["wall_s"] = time.perf_counter() - t_start
     return result
