@@ -22,12 +22,14 @@ two warm-up calls, with ``block_until_ready``), the ratios of these to the plain
 ``train_throughput_ratio``: training samples per second with a meta step every K base steps,
 relative to plain training, measured end to end as the median time of K plain steps (one
 ``lax.scan``) over that of the library's ``bj.bilevel_step`` (K base steps + 1 meta step), each
-jitted with the state donated (``--timed-e2e`` calls). The plain references are timed before and
+jitted with the state donated (``--timed-e2e`` calls); and ``train_peak_mem_ratio``, the same
+two programs' compiled peak (arguments + outputs − aliased + temp), i.e. everything a training
+run holds (parameters, optimizer states, batches, the adaptation's saved gradient and state). The plain references are timed before and
 after the methods and their pooled medians are used.
 
-Methods: SAMA (``adapt_from="last"``, ``difference="vmap"``: what ``bilevel_step`` runs), SAMA-NA,
+Methods: SAMA (``adapt_from="last"``, the default ``difference="sequential"``), SAMA-NA,
 DARTS (T1–T2), Neumann (K = 5), CG (K = 5), ITD (unroll 10), SOBA, DDS; SAMA variants
-``sama_sequential`` (the central difference as two passes), ``sama_fresh`` (a fresh adaptation
+``sama_vmap`` (the central difference as one batched pass), ``sama_fresh`` (a fresh adaptation
 gradient), ``sama_bf16`` (the meta step's losses in bf16 — cheaper, but bf16 cannot resolve the
 finite difference; see ``bilevel_jax/loop.py``).
 """
@@ -69,7 +71,7 @@ METHODS: dict[str, tuple[Callable[[], Any], Any]] = {
     "itd": (lambda: bj.itd(10), None),
     "soba": (lambda: bj.soba(), None),
     "dds": (lambda: bj.dds(), None),
-    "sama_sequential": (lambda: bj.sama(1.0, adapt_from="last", difference="sequential"), None),
+    "sama_vmap": (lambda: bj.sama(1.0, adapt_from="last", difference="vmap"), None),
     "sama_fresh": (lambda: bj.sama(1.0, adapt_from="fresh"), None),
     "sama_bf16": (lambda: bj.sama(1.0, adapt_from="last"), jnp.bfloat16),
 }
@@ -225,8 +227,10 @@ def compile_stats(fn: Callable, args: tuple, donate: tuple[int, ...] = ()) -> tu
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+            + mem.temp_size_in_bytes)
     return compiled, {"temp_bytes": int(mem.temp_size_in_bytes), "flops": float(cost["flops"]),
-                      "argument_bytes": int(mem.argument_size_in_bytes)}
+                      "argument_bytes": int(mem.argument_size_in_bytes), "peak_bytes": int(peak)}
 
 
 def time_calls(compiled, args: tuple, n: int, donate: tuple[int, ...] = ()) -> list[float]:
@@ -267,7 +271,7 @@ def bench_model(spec: ModelSpec, datasets: dict, methods: tuple[str, ...], timed
     plain_times = time_calls(plain_c, args, timed, donate=(0, 1))
     batches = jax.tree.map(lambda x: jnp.stack([x] * K), p.batch)
     pk_args = (p.theta, p.base_tx.init(p.theta), batches)
-    pk_c, _ = compile_stats(plain_k_steps(p), pk_args, donate=(0, 1))
+    pk_c, pk_stats = compile_stats(plain_k_steps(p), pk_args, donate=(0, 1))
     pk_times = time_calls(pk_c, pk_args, timed_e2e, donate=(0, 1))
 
     rows = {}
@@ -281,13 +285,15 @@ def bench_model(spec: ModelSpec, datasets: dict, methods: tuple[str, ...], timed
         step = bj.bilevel_step(p.losses.base, p.losses.meta, p.base_tx, p.meta_tx, method,
                                meta_compute_dtype=dtype)
         e2e_args = (step.init(p.theta, p.lam), batches, p.meta_batch)
-        e2e_c, _ = compile_stats(step, e2e_args, donate=(0,))
+        e2e_c, e2e = compile_stats(step, e2e_args, donate=(0,))
+        stats["bilevel_step_peak_bytes"] = e2e["peak_bytes"]
         stats["bilevel_step_ms_median"] = statistics.median(time_calls(e2e_c, e2e_args, timed_e2e, donate=(0,)))
         rows[name] = stats
     plain_times += time_calls(plain_c, args, timed, donate=(0, 1))  # before and after, pooled
     pk_times += time_calls(pk_c, pk_args, timed_e2e, donate=(0, 1))
     plain["ms_median"] = statistics.median(plain_times)
     plain["bilevel_step_ms_median"] = statistics.median(pk_times)  # K plain steps
+    plain["bilevel_step_peak_bytes"] = pk_stats["peak_bytes"]
 
     def ratios(r):
         return {
@@ -295,6 +301,7 @@ def bench_model(spec: ModelSpec, datasets: dict, methods: tuple[str, ...], timed
             "time_ratio_vs_plain": r["ms_median"] / plain["ms_median"],
             "flop_ratio_vs_plain": r["flops"] / plain["flops"],
             "train_throughput_ratio": plain["bilevel_step_ms_median"] / r["bilevel_step_ms_median"],
+            "train_peak_mem_ratio": r["bilevel_step_peak_bytes"] / plain["bilevel_step_peak_bytes"],
         }
 
     out = {"plain": {**plain, **ratios(plain)}}
@@ -382,15 +389,17 @@ def table(result: dict) -> str:
             continue
         info = r["_model"]
         lines.append(f"\n{model} (n_θ = {info['n_params']:,}, batch {info['batch']}, K = {info['K']})\n")
-        lines.append("| method | temp MiB | mem ×plain | GFLOP | FLOP ×plain | ms | time ×plain | throughput ×plain |")
-        lines.append("|---|---|---|---|---|---|---|---|")
+        lines.append("| method | temp MiB | mem ×plain | GFLOP | FLOP ×plain | ms | time ×plain "
+                     "| throughput ×plain | training peak ×plain |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         for name, x in r.items():
             if name.startswith("_"):
                 continue
             lines.append(
                 f"| {name} | {x['temp_bytes'] / 2**20:.2f} | {x['mem_ratio_vs_plain']:.2f} | "
                 f"{x['flops'] / 1e9:.3f} | {x['flop_ratio_vs_plain']:.2f} | {x['ms_median']:.2f} | "
-                f"{x['time_ratio_vs_plain']:.2f} | {x['train_throughput_ratio']:.3f} |"
+                f"{x['time_ratio_vs_plain']:.2f} | {x['train_throughput_ratio']:.3f} | "
+                f"{x['train_peak_mem_ratio']:.2f} |"
             )
     return "\n".join(lines)
 
@@ -430,13 +439,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=None)
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--timed", type=int, default=20, help="timed calls per function (after 2 warm-up)")
-    p.add_argument("--timed-e2e", type=int, default=10,
-                   help="timed calls of the whole bilevel step and of K plain steps (throughput)")
+    p.add_argument("--timed-e2e", type=int, default=None,
+                   help="timed calls of the whole bilevel step and of K plain steps (throughput; "
+                        "default 10, 3 with --quick)")
     p.add_argument("--json", default=None, help="write the results here (and a PNG beside it)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     models = tuple(args.models or (QUICK_MODELS if args.quick else MODELS))
-    result = run(models, tuple(args.methods), args.timed, args.timed_e2e, progress=not args.no_progress)
+    timed_e2e = args.timed_e2e if args.timed_e2e is not None else (3 if args.quick else 10)
+    result = run(models, tuple(args.methods), args.timed, timed_e2e, progress=not args.no_progress)
     print(table(result))
     for model, g in result["_goals"].items():
         print(model, {k: (round(v["value"], 3), v["met"]) for k, v in g.items()} if "value" not in g

@@ -35,7 +35,7 @@ __all__ = ["DartsSecondOrder", "darts", "darts_second_order"]
 
 def darts(alpha: float = 0.01) -> SAMA:
     """Betty's DARTS / T1–T2: SAMA-NA with a small finite-difference radius α = 0.01."""
-    return SAMA(alpha, False, "fresh", "vmap", False, "darts")
+    return SAMA(alpha, False, "fresh", "sequential", False, "darts")
 
 
 @dataclasses.dataclass(frozen=True)
