@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -69,6 +68,7 @@ __all__ = [
     "BASELINES",
     "REWEIGHT_METHODS",
     "METHODS",
+    "MetaConfig",
     "Config",
     "CNN",
     "Corrector",
@@ -97,17 +97,24 @@ METHODS = BASELINES + REWEIGHT_METHODS + ("sama_correct",)
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class MetaConfig:
+    """Settings shared with :mod:`experiments.pruning` (defaults: the main job's, ``demo.Config``)."""
+
+    batch_size: int = demo.Config.batch_size
+    lr: float = demo.Config.lr
+    meta_lr: float = demo.Config.meta_lr
+    meta_interval: int = demo.Config.meta_interval
+    mwn_hidden: int = demo.Config.mwn_hidden
+    alpha: float = demo.Config.alpha
+    test_per_class: int = demo.Config.test_per_class
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(MetaConfig):
     """Hyper-parameters shared by every setting and method (recorded in the JSON)."""
 
     steps: int = 3000
-    batch_size: int = 100
     segments: int = 10  # evaluation points (and timed segments) per run
-    lr: float = 1e-3
-    meta_lr: float = 1e-2
-    meta_interval: int = 10
-    mwn_hidden: int = 100
-    alpha: float = 0.1
     neumann_k: int = 5
     neumann_eta: float = 0.01
     cg_k: int = 5
@@ -119,7 +126,6 @@ class Config:
     corrector_prior: float = 6.0
     sgd_lr: float = 0.1
     meta_per_class: int = 10
-    test_per_class: int = 100
 
 
 # ----------------------------------------------------------------------------------------------
@@ -653,15 +659,37 @@ def print_table(result: dict) -> None:
               f"| final MWN rel. diff {['%.2g' % g for g in a['final_mwn_relative_difference']]}")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="100 steps, one seed (smoke test)")
+def cli(doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options both studies share: ``--quick``, ``--seeds``, ``--json``, ``--no-progress``."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; quick: 0)")
+    p.add_argument("--json", default=None, help="write JSON here, plus <stem>.png and <stem>.metrics.jsonl")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def finish(result: dict, args: argparse.Namespace, t0: float, table: Callable, plot_fn: Callable,
+           records: list[dict]) -> dict:
+    """Print the table, then write the JSON, PNG and ``records`` as ``<stem>.metrics.jsonl``."""
+    result["quick"] = bool(args.quick)
+    result["wall_s"] = time.perf_counter() - t0
+    table(result)
+    print(f"wall time {result['wall_s']:.1f} s")
+    if args.json:
+        png = save_results(result, args.json, None, plot_fn)
+        with open(os.path.splitext(args.json)[0] + ".metrics.jsonl", "w") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+        print(f"wrote {args.json}, {png}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = cli(__doc__, "100 steps, one seed (smoke test)")
     p.add_argument("--steps", type=int, default=None, help=f"base steps per run (default {Config.steps}; quick 100)")
     p.add_argument("--settings", nargs="+", default=None, choices=list(SETTINGS))
     p.add_argument("--no-ablation", action="store_true")
-    p.add_argument("--json", default=None, help="write JSON here, plus <stem>.png and <stem>.metrics.jsonl")
-    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     steps = args.steps or (100 if args.quick else Config.steps)
@@ -669,17 +697,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     result = run(seeds, steps, args.settings, ablation=not args.no_ablation,
                  progress=not args.no_progress, curves=curves)
-    result["quick"] = bool(args.quick)
-    result["wall_s"] = time.perf_counter() - t0
-    print_table(result)
-    print(f"wall time {result['wall_s']:.1f} s")
-    if args.json:
-        png = save_results(result, args.json, None, plot)
-        with open(os.path.splitext(args.json)[0] + ".metrics.jsonl", "w") as f:
-            for rec in curves:
-                f.write(json.dumps(rec) + "\n")
-        print(f"wrote {args.json}, {png}")
-    return result
+    return finish(result, args, t0, print_table, plot, curves)
 
 
 if __name__ == "__main__":

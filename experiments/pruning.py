@@ -34,11 +34,7 @@ training run, in the same process.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import math
-import os
 import sys
 import time
 from typing import Any
@@ -53,7 +49,6 @@ import bilevel_jax as bj
 from experiments import data as data_lib
 from experiments import noisy_labels as nl
 from experiments import noisy_labels_demo as demo
-from experiments._io import save_results
 
 __all__ = [
     "RATIOS",
@@ -77,21 +72,14 @@ METHODS = ("sama", "random", "el2n", "grand", "forgetting", "margin")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """Hyper-parameters (recorded in the JSON)."""
+class Config(nl.MetaConfig):
+    """Hyper-parameters (recorded in the JSON); base/meta optimizers and α as in the noisy-label study."""
 
     train_steps: int = 2000  # full training and every retraining (50 epochs of the full set)
     search_epochs: int = 15  # SAMA search and forgetting run
     score_epochs: int = 5  # SAMA: average the weights over the ends of the last epochs
     proxy_epochs: int = 5  # EL2N, GraNd, margin: early-training model
-    batch_size: int = 100
-    lr: float = 1e-3
-    meta_lr: float = 1e-2
-    meta_interval: int = 10
-    alpha: float = 0.1
-    mwn_hidden: int = 100
     ema_decay: float = 0.99
-    test_per_class: int = 100
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,29 +397,14 @@ def print_table(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="short runs, one seed (smoke test)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; quick: 0)")
-    p.add_argument("--json", default=None, help="write JSON here, plus <stem>.png and <stem>.metrics.jsonl")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    args = nl.cli(__doc__, "short runs, one seed (smoke test)").parse_args(argv)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     cfg = Config()
     if args.quick:
         cfg = dataclasses.replace(cfg, train_steps=200, search_epochs=2, score_epochs=1, proxy_epochs=1)
     t0 = time.perf_counter()
     result = run(seeds, cfg, progress=not args.no_progress)
-    result["quick"] = bool(args.quick)
-    result["wall_s"] = time.perf_counter() - t0
-    print_table(result)
-    print(f"wall time {result['wall_s']:.1f} s")
-    if args.json:
-        png = save_results(result, args.json, None, plot)
-        with open(os.path.splitext(args.json)[0] + ".metrics.jsonl", "w") as f:
-            for rec in result["per_seed_records"]:
-                f.write(json.dumps(rec) + "\n")
-        print(f"wrote {args.json}, {png}")
-    return result
+    return nl.finish(result, args, t0, print_table, plot, result["per_seed_records"])
 
 
 if __name__ == "__main__":
