@@ -6,8 +6,9 @@ r"""Cost of every hypergradient method against plain training: compiled memory, 
 The problem is data reweighting (the main job's, DESIGN §6): a base model trained with Adam on a
 Meta-Weight-Net-weighted cross entropy, ``L_b = Σ w_i ℓ_i / Σ w_i`` with ``w_i = MWN_λ(sg ℓ_i)``
 (MWN 1-100-1), and the clean mean cross entropy as ``L_m``; one meta step every K = 10 base
-steps. Batches: 256 base and 256 meta examples of real data (MNIST-5k for the MLPs, byte windows
-of the Python standard library for the transformer).
+steps. Batches: 256 base and 256 meta examples (64 for the 10M-parameter MLP and the transformer)
+of real data (MNIST-5k for the MLPs; 64-byte windows of the Python standard library, 8 packages as
+classes, for the transformer: 2 pre-LN blocks, width 128, 4 heads).
 
 Per model, compiled with ``jax.jit`` (``donate_argnums`` on the carried state, as in a training
 loop) and measured in **one process**:
@@ -60,7 +61,6 @@ from experiments import noisy_labels_demo as nl
 
 K = 10  # base steps per meta step
 BATCH = 256
-META_BATCH = 256
 
 METHODS: dict[str, tuple[Callable[[], Any], Any]] = {
     "sama": (lambda: bj.sama(1.0, adapt_from="last"), None),
@@ -118,17 +118,20 @@ class ModelSpec:
     name: str
     build: Callable[[data_lib.Dataset], nnx.Module]
     data: str  # "mnist" or "bytes"
+    batch: int = BATCH  # base and meta batch size
 
 
 MODELS = {
     "mlp_256": ModelSpec("mlp_256", lambda ds: nl.MLP((784, 256, 256, 10), rngs=nnx.Rngs(0)), "mnist"),
     "mlp_1024": ModelSpec("mlp_1024", lambda ds: nl.MLP((784, 1024, 1024, 10), rngs=nnx.Rngs(0)), "mnist"),
+    # batch 64 keeps the full run's ITD/CG/Neumann timings of this model within minutes on 2 cores
     "mlp_10m": ModelSpec("mlp_10m", lambda ds: nl.MLP((784, 2048, 2048, 2048, 10), rngs=nnx.Rngs(0)),
-                         "mnist"),
+                         "mnist", batch=64),
     "transformer": ModelSpec(
         "transformer",
         lambda ds: ByteTransformer(seq=ds.x.shape[1], classes=ds.num_classes, rngs=nnx.Rngs(0)),
         "bytes",
+        batch=64,  # at 256, ITD's ten unrolled steps need over 40 GB (measured: OOM)
     ),
 }
 QUICK_MODELS = ("mlp_256", "mlp_1024")
@@ -173,8 +176,9 @@ def make_problem(spec: ModelSpec, datasets: dict) -> Problem:
     losses = nl.Losses(model_def, mwn_def)
     rng = np.random.default_rng(0)
     idx = rng.permutation(len(ds.y))
-    batch = (jnp.asarray(ds.x[idx[:BATCH]]), jnp.asarray(ds.y[idx[:BATCH]]))
-    meta = (jnp.asarray(ds.x[idx[BATCH:BATCH + META_BATCH]]), jnp.asarray(ds.y[idx[BATCH:BATCH + META_BATCH]]))
+    b = spec.batch
+    batch = (jnp.asarray(ds.x[idx[:b]]), jnp.asarray(ds.y[idx[:b]]))
+    meta = (jnp.asarray(ds.x[idx[b:2 * b]]), jnp.asarray(ds.y[idx[b:2 * b]]))
     n_params = sum(x.size for x in jax.tree.leaves(theta))
     # eps_root > 0: ITD and DDS differentiate through Adam (DESIGN §4)
     return Problem(losses, theta, lam, optax.adam(1e-3, eps_root=1e-8), optax.adam(1e-3), batch, meta,
@@ -308,13 +312,15 @@ def bench_model(spec: ModelSpec, datasets: dict, methods: tuple[str, ...], timed
     for name, r in rows.items():
         out[name] = {**r, **ratios(r)}
     out["_model"] = {"n_params": p.n_params, "n_meta_params": int(sum(x.size for x in jax.tree.leaves(p.lam))),
-                     "batch": BATCH, "meta_batch": META_BATCH, "K": K, "data": p.data}
+                     "batch": spec.batch, "meta_batch": spec.batch, "K": K, "data": p.data}
     return out
 
 
 def memory_slopes(result: dict, models: tuple[str, ...]) -> dict:
-    """Least-squares slope of temp bytes against parameter count per method (MLP models)."""
-    mlps = [m for m in models if m.startswith("mlp") and m in result]
+    """Least-squares slope of temp bytes against parameter count per method, over the MLPs
+    that share the reference batch size (so that only the parameter count changes)."""
+    mlps = [m for m in models if m.startswith("mlp") and m in result
+            and result[m]["_model"]["batch"] == BATCH]
     if len(mlps) < 2:
         return {}
     n = np.array([result[m]["_model"]["n_params"] for m in mlps], float)
@@ -361,7 +367,7 @@ def run(models: tuple[str, ...], methods: tuple[str, ...], timed: int, timed_e2e
     if "mnist" in needs:
         datasets["mnist"] = data_lib.load_mnist5k()
     if "bytes" in needs:
-        datasets["bytes"] = data_lib.load_stdlib_bytes()
+        datasets["bytes"] = data_lib.load_stdlib_bytes(window=64)
     t0 = time.perf_counter()
     result: dict[str, Any] = {}
     for m in models:

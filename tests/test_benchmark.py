@@ -63,7 +63,7 @@ def test_compiled_memory_and_flops_are_deterministic_across_compilations():
 
 def test_memory_slope_is_a_least_squares_fit():
     fake = {
-        f"mlp_{i}": {"_model": {"n_params": n}, "plain": {"temp_bytes": 4 * n + 100},
+        f"mlp_{i}": {"_model": {"n_params": n, "batch": bm.BATCH}, "plain": {"temp_bytes": 4 * n + 100},
                      "sama": {"temp_bytes": 8 * n + 50}}
         for i, n in enumerate((1000, 5000, 20000))
     }
