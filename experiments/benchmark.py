@@ -419,16 +419,21 @@ def plot(result: dict, path: str) -> None:
     models = [m for m in result if not m.startswith("_")]
     methods = [k for k in result[models[0]] if not k.startswith("_") and k != "base"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
-    for method in methods:
+    colors = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
+    markers = "os^vDPX*<>ph"
+    for i, method in enumerate(methods):
+        style = {"color": colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], "marker": markers[i % len(markers)]}
         pts = sorted((result[m]["_model"]["n_params"], result[m][method]["temp_bytes"] / 2**20)
                      for m in models if m.startswith("mlp"))
         if pts:
-            a.plot(*zip(*pts), marker="o", label=method, lw=2.5 if method in ("plain", "sama") else 1)
+            a.plot(*zip(*pts), label=method, lw=2.5 if method in ("plain", "sama") else 1, **style)
         xs = [result[m][method]["mem_ratio_vs_plain"] for m in models]
         ys = [result[m][method]["train_throughput_ratio"] for m in models]
-        b.scatter(xs, ys, label=method, s=60 if method in ("plain", "sama") else 25)
+        b.scatter(xs, ys, label=method, s=70 if method in ("plain", "sama") else 30, **style)
+    batches = sorted({result[m]["_model"]["batch"] for m in models if m.startswith("mlp")})
     a.set(xscale="log", yscale="log", xlabel="parameters (MLPs)", ylabel="compiled temp memory (MiB)",
-          title="Memory of one step against model size")
+          title="Memory of one step against model size"
+                + (f" (batches {'/'.join(map(str, batches))})" if len(batches) > 1 else ""))
     b.set(xscale="log", xlabel="temp memory / plain step", ylabel="training throughput / plain",
           title="Throughput against memory (every model)")
     b.axhline(0.85, color="grey", ls=":", lw=1)
