@@ -19,7 +19,10 @@ base optimizer state bit-identical and increments ``skipped_base``; a meta step 
 hypergradient is not finite leaves λ, the meta optimizer state and the method state
 unchanged and increments ``skipped_meta`` (like ``optax.apply_if_finite``). Use
 :func:`check_skips` (or :func:`bilevel_jax.fit`'s ``max_skips``) to stop a run that
-keeps failing.
+keeps failing. As in ``optax.apply_if_finite``, the base step checks the loss and the
+gradient, not the update: an optimizer that turns a finite gradient into a non-finite
+update is not caught there. When the *last* base step is skipped, SAMA's
+``adapt_from="last"`` sees its non-finite gradient and the meta step is skipped too.
 
 **Stateful models.** With ``stateful=True`` the losses take a fourth argument, the
 non-differentiated ``model_state`` (batch statistics, RNG streams…), and

@@ -236,3 +236,16 @@ def test_batch_the_loss_cannot_take_is_reported_at_trace_time():
     wrong = (jnp.ones((K, B, F + 2)), ys[0])  # features do not match θ
     with pytest.raises(bj.BilevelInputError, match=r"calling base_loss\(base_params, meta_params, batch\) failed"):
         jax.jit(step)(step.init(*_init()), wrong, meta)
+
+
+def test_a_skipped_last_base_step_skips_a_last_adapted_meta_step_too():
+    """adapt_from="last" takes the last base step's gradient: non-finite there -> no meta step."""
+    xs, ys, meta = _data()
+    step = bj.bilevel_step(base_loss, meta_loss, optax.adam(1e-2), optax.adam(1e-1),
+                           bj.sama(0.1, adapt_from="last"))
+    state = step.init(*_init())
+    bad = xs[0].at[-1, 0, 0].set(jnp.nan)  # only the last of the K base batches
+    new, m = jax.jit(step)(state, (bad, ys[0]), meta)
+    assert int(new.skipped_base) == 1 and int(new.skipped_meta) == 1
+    assert _leaves_equal(new.meta_params, state.meta_params)
+    assert not _leaves_equal(new.base_params, state.base_params)  # the other K-1 steps ran
