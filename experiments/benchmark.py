@@ -38,6 +38,7 @@ finite difference; see ``bilevel_jax/loop.py``).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -204,7 +205,13 @@ def base_step(p: Problem):
     return step, (p.theta, p.base_tx.init(p.theta), p.lam, p.batch)
 
 
-def meta_step(p: Problem, method, dtype=None):
+def after_base_step(p: Problem) -> tuple:
+    """(θ, s, last_g, last_s): the state after one weighted base step, the meta step's input."""
+    bstep, bargs = base_step(p)
+    return jax.jit(bstep)(*bargs)
+
+
+def meta_step(p: Problem, method, dtype=None, after: tuple | None = None):
     problem = bj.BilevelProblem(_in_dtype(p.losses.base, dtype), _in_dtype(p.losses.meta, dtype),
                                 p.base_tx)
 
@@ -214,8 +221,7 @@ def meta_step(p: Problem, method, dtype=None):
         upd, meta_s = p.meta_tx.update(hg.meta_grad, meta_s, lam)
         return optax.apply_updates(lam, upd), meta_s, method_state, hg.meta_loss
 
-    bstep, bargs = base_step(p)
-    theta, s, last_g, last_s = jax.jit(bstep)(*bargs)  # the state after one base step
+    theta, s, last_g, last_s = after if after is not None else after_base_step(p)
     args = (p.lam, p.meta_tx.init(p.lam), method.init(p.theta, p.lam), theta, s, last_g, last_s,
             p.batch, p.meta_batch)
     return step, args
@@ -278,20 +284,31 @@ def bench_model(spec: ModelSpec, datasets: dict, methods: tuple[str, ...], timed
     pk_c, pk_stats = compile_stats(plain_k_steps(p), pk_args, donate=(0, 1))
     pk_times = time_calls(pk_c, pk_args, timed_e2e, donate=(0, 1))
 
-    rows = {}
-    for name in tqdm(methods, desc=f"{spec.name:>11}", disable=not progress, file=sys.stdout):
+    # Compile every program first, on as many threads as there are cores (XLA compiles a
+    # module on one thread and releases the GIL), then time them one at a time.
+    jobs, after = {}, after_base_step(p)
+    for name in methods:
         factory, dtype = METHODS[name]
         method = factory()
-        fn, margs = meta_step(p, method, dtype)
-        compiled, stats = compile_stats(fn, margs, donate=(0, 1, 2))
-        stats["ms_median"] = statistics.median(time_calls(compiled, margs, timed, donate=(0, 1, 2)))
+        fn, margs = meta_step(p, method, dtype, after)
+        jobs[name, "meta"] = (fn, margs, (0, 1, 2))
         # end to end: the library's bilevel step, K base steps + 1 meta step
         step = bj.bilevel_step(p.losses.base, p.losses.meta, p.base_tx, p.meta_tx, method,
                                meta_compute_dtype=dtype)
-        e2e_args = (step.init(p.theta, p.lam), batches, p.meta_batch)
-        e2e_c, e2e = compile_stats(step, e2e_args, donate=(0,))
+        jobs[name, "e2e"] = (step, (step.init(p.theta, p.lam), batches, p.meta_batch), (0,))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        futures = {key: pool.submit(compile_stats, fn, a, donate=d) for key, (fn, a, d) in jobs.items()}
+        compiled = {key: f.result() for key, f in futures.items()}
+
+    rows = {}
+    for name in tqdm(methods, desc=f"{spec.name:>11}", disable=not progress, file=sys.stdout):
+        meta_c, stats = compiled[name, "meta"]
+        _, margs, donate = jobs[name, "meta"]
+        stats = dict(stats, ms_median=statistics.median(time_calls(meta_c, margs, timed, donate=donate)))
+        e2e_c, e2e = compiled[name, "e2e"]
+        _, e2e_args, donate = jobs[name, "e2e"]
         stats["bilevel_step_peak_bytes"] = e2e["peak_bytes"]
-        stats["bilevel_step_ms_median"] = statistics.median(time_calls(e2e_c, e2e_args, timed_e2e, donate=(0,)))
+        stats["bilevel_step_ms_median"] = statistics.median(time_calls(e2e_c, e2e_args, timed_e2e, donate=donate))
         rows[name] = stats
     plain_times += time_calls(plain_c, args, timed, donate=(0, 1))  # before and after, pooled
     pk_times += time_calls(pk_c, pk_args, timed_e2e, donate=(0, 1))
