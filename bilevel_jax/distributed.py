@@ -239,6 +239,24 @@ def _describe_exit(rc: int) -> str:
     return f"exited with status {rc}"
 
 
+def _first_failure(procs: list[subprocess.Popen], timeout_s: float) -> tuple[int, int] | None:
+    """Wait until every process has exited or one has failed: ``(rank, returncode)`` of the
+    first failure, or None. Raises :class:`DistributedLaunchError` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = next(((r, c) for r, c in enumerate(codes) if c not in (None, 0)), None)
+        if failed is not None or None not in codes:
+            return failed
+        if time.monotonic() > deadline:
+            waiting = [r for r, c in enumerate(codes) if c is None]
+            raise DistributedLaunchError(
+                f"multi-process run did not finish within {timeout_s:g} s; processes "
+                f"{waiting} were still running and have been killed"
+            )
+        time.sleep(0.05)
+
+
 def launch_local(
     argv: Sequence[str],
     num_processes: int,
@@ -270,40 +288,26 @@ def launch_local(
     if num_processes < 1:
         raise ValueError(f"num_processes must be at least 1, got {num_processes}")
     address = f"127.0.0.1:{_free_port()}"
-    logs = tempfile.mkdtemp(prefix="bilevel_jax_launch_")
-    procs, outs, errs = [], [], []
-    for rank in range(num_processes):
-        penv = dict(os.environ, **(env or {}))
-        penv.update({ENV_COORDINATOR: address, ENV_NUM_PROCESSES: str(num_processes),
-                     ENV_PROCESS_ID: str(rank), ENV_TIMEOUT: str(init_timeout_s),
-                     "PYTHONUNBUFFERED": "1"})
-        outs.append(os.path.join(logs, f"{rank}.out"))
-        errs.append(os.path.join(logs, f"{rank}.err"))
-        with open(outs[-1], "w") as fo, open(errs[-1], "w") as fe:
-            procs.append(subprocess.Popen([sys.executable, *argv], env=penv, cwd=cwd,
-                                          stdout=fo, stderr=fe))
-    deadline = time.monotonic() + timeout_s
-    failure = None
-    try:
-        while failure is None and any(p.poll() is None for p in procs):
-            for rank, p in enumerate(procs):
-                rc = p.poll()
-                if rc not in (None, 0):
-                    failure = (rank, rc)
-                    break
-            else:
-                if time.monotonic() > deadline:
-                    waiting = [r for r, p in enumerate(procs) if p.poll() is None]
-                    raise DistributedLaunchError(
-                        f"multi-process run did not finish within {timeout_s:g} s; processes "
-                        f"{waiting} were still running and have been killed"
-                    )
-                time.sleep(0.05)
-        if failure is None:
-            failure = next(((r, p.returncode) for r, p in enumerate(procs) if p.returncode), None)
+    with tempfile.TemporaryDirectory(prefix="bilevel_jax_launch_") as logs:
+        procs = []
+        for rank in range(num_processes):
+            penv = dict(os.environ, **(env or {}))
+            penv.update({ENV_COORDINATOR: address, ENV_NUM_PROCESSES: str(num_processes),
+                         ENV_PROCESS_ID: str(rank), ENV_TIMEOUT: str(init_timeout_s),
+                         "PYTHONUNBUFFERED": "1"})
+            with open(f"{logs}/{rank}.out", "w") as fo, open(f"{logs}/{rank}.err", "w") as fe:
+                procs.append(subprocess.Popen([sys.executable, *argv], env=penv, cwd=cwd,
+                                              stdout=fo, stderr=fe))
+        try:
+            failure = _first_failure(procs, timeout_s)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
         if failure is not None:
             rank, rc = failure
-            tail = _tail(errs[rank])
+            tail = _tail(f"{logs}/{rank}.err")
             why = ""
             if "RegisterTask" in tail or "DEADLINE_EXCEEDED" in tail:
                 why = (f": a peer process never registered with the coordinator at {address} "
@@ -312,13 +316,8 @@ def launch_local(
                 f"process {rank} of {num_processes} {_describe_exit(rc)}{why}. "
                 f"End of its stderr:\n{tail}"
             )
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    result = []
-    for path in outs:
-        with open(path) as f:
-            result.append(f.read())
-    return result
+        outputs = []
+        for rank in range(num_processes):
+            with open(f"{logs}/{rank}.out") as f:
+                outputs.append(f.read())
+        return outputs

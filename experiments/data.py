@@ -25,6 +25,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import pathlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -350,7 +351,7 @@ def load_stdlib_bytes(
         )
         if not paths:
             raise FileNotFoundError(f"no .py files for package {pkg!r} under {root}")
-        blob = b"".join(open(p, "rb").read() for p in paths)
+        blob = b"".join(pathlib.Path(p).read_bytes() for p in paths)
         digest.update(blob)
         files += len(paths)
         n = len(blob) // window

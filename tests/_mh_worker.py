@@ -10,13 +10,14 @@ parameters, the metrics and the all-reduce counts of the compiled step.
 """
 
 import json
+import os
 import sys
 import time
 
 import jax
 
 MODE = sys.argv[1]
-if MODE == "absent" and int(__import__("os").environ["BILEVEL_JAX_PROCESS_ID"]) == 1:
+if MODE == "absent" and int(os.environ["BILEVEL_JAX_PROCESS_ID"]) == 1:
     time.sleep(600)  # the peer that never arrives
 from bilevel_jax import distributed as dist  # noqa: E402
 

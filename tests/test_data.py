@@ -3,6 +3,7 @@
 import hashlib
 import importlib.util
 import json
+import pathlib
 import sys
 
 import numpy as np
@@ -148,3 +149,20 @@ def test_pairflip_noise_mapping(mnist):
     assert np.array_equal(y_noisy[flipped], (y[flipped] + 1) % 10)
     assert np.array_equal(y_noisy[~flipped], y[~flipped])
     assert np.any(y_noisy[flipped] == 0)  # 9 -> 0 wraps around
+
+
+def test_stdlib_bytes_windows_are_real_source_bytes_labelled_by_package():
+    import sysconfig
+
+    ds = data.load_stdlib_bytes(("email", "logging"), window=32, per_class=50)
+    assert ds.x.shape == (100, 32) and ds.x.dtype == np.int32 and ds.num_classes == 2
+    assert np.array_equal(ds.y, np.repeat([0, 1], 50))
+    assert ds.x.min() >= 0 and ds.x.max() < 256
+    assert ds.source["files"] > 0 and len(ds.source["sha256"]) == 64
+    # the first window of class 0 is the first 32 bytes of the first email/*.py file
+    root = sysconfig.get_paths()["stdlib"]
+    first = sorted(str(p) for p in pathlib.Path(root, "email").rglob("*.py")
+                   if "test" not in p.relative_to(root).parts)[0]
+    assert bytes(ds.x[0].astype(np.uint8)) == pathlib.Path(first).read_bytes()[:32]
+    with pytest.raises(ValueError, match="has only"):
+        data.load_stdlib_bytes(("email",), window=32, per_class=10**7)
