@@ -77,7 +77,9 @@ def scalar_loss(fn, name: str, *args) -> jax.ShapeDtypeStruct:
     except BilevelInputError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise BilevelInputError(f"calling {name}(base_params, meta_params, batch) failed: {e}") from e
+        raise BilevelInputError(
+            f"calling {name}(base_params, meta_params, batch) failed: {e}"
+        ) from e
     if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
         raise BilevelInputError(
             f"{name} must return a scalar loss; got {jax.tree.map(lambda x: x.shape, out)}"

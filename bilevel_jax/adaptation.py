@@ -45,7 +45,8 @@ everywhere and are refused. :func:`describe` shows which path each node takes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -283,9 +284,7 @@ def _clip_global_rule(cells):
         def clipped(gi, wi):
             return (c / norm).astype(wi.dtype) * (wi - (inner * gi).astype(wi.dtype))
 
-        return jax.lax.cond(
-            norm < c, lambda: w, lambda: jax.tree.map(clipped, g, w)
-        )
+        return jax.lax.cond(norm < c, lambda: w, lambda: jax.tree.map(clipped, g, w))
 
     return rule
 
@@ -306,7 +305,11 @@ def _adam_rule(cells):
     1/s terms are taken at their limit 0.
     """
     b1, b2, eps, eps_root, nesterov = (
-        cells["b1"], cells["b2"], cells["eps"], cells["eps_root"], cells["nesterov"]
+        cells["b1"],
+        cells["b2"],
+        cells["eps"],
+        cells["eps_root"],
+        cells["nesterov"],
     )
 
     def rule(g, state, params, w):
@@ -337,7 +340,10 @@ def _rms_rule(cells):
     otherwise ``g/(√n̂+ε)`` → ``[(√n̂+ε) − (1−ρ)g²/(c√n̂)]/(√n̂+ε)² = [ε + ρn/(c√n̂)]/(√n̂+ε)²``.
     """
     decay, eps, bias_corr, in_sqrt = (
-        cells["decay"], cells["eps"], cells["bias_correction"], cells["eps_in_sqrt"]
+        cells["decay"],
+        cells["eps"],
+        cells["bias_correction"],
+        cells["eps_in_sqrt"],
     )
 
     def rule(g, state, params, w):

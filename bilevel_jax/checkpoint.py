@@ -138,11 +138,15 @@ def _structure_mismatch(expected: list, found: list) -> str | None:
     missing = [p for p in got if p not in exp]
     extra = [p for p in exp if p not in got]
     if missing:
-        problems.append(f"in the checkpoint but not the template: {', '.join(missing[:8])}"
-                        + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+        problems.append(
+            f"in the checkpoint but not the template: {', '.join(missing[:8])}"
+            + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
+        )
     if extra:
-        problems.append(f"in the template but not the checkpoint: {', '.join(extra[:8])}"
-                        + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else ""))
+        problems.append(
+            f"in the template but not the checkpoint: {', '.join(extra[:8])}"
+            + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else "")
+        )
     for p in exp:
         if p in got and exp[p] != got[p]:
             (de, se), (dg, sg) = exp[p], got[p]
@@ -354,7 +358,9 @@ class Checkpointer:
                 step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(template)})
             )[_STATE]
         except Exception as e:  # noqa: BLE001
-            raise CheckpointCorruptError(f"state unreadable: {type(e).__name__}: {_short(e)}") from e
+            raise CheckpointCorruptError(
+                f"state unreadable: {type(e).__name__}: {_short(e)}"
+            ) from e
         try:
             found = _leaf_specs(state)
             digest = state_checksum(state)

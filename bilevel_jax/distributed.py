@@ -120,9 +120,13 @@ def initialize(
     if coordinator_address is not None:
         host, _, port = coordinator_address.rpartition(":")
         if not host or not port.isdigit():
-            raise ValueError(f"coordinator_address must be 'host:port', got {coordinator_address!r}")
+            raise ValueError(
+                f"coordinator_address must be 'host:port', got {coordinator_address!r}"
+            )
         if num_processes < 1 or not 0 <= process_id < num_processes:
-            raise ValueError(f"need 0 <= process_id < num_processes, got {process_id=}, {num_processes=}")
+            raise ValueError(
+                f"need 0 <= process_id < num_processes, got {process_id=}, {num_processes=}"
+            )
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s}")
     if cpu_devices is not None:
@@ -135,7 +139,8 @@ def initialize(
         print(
             f"bilevel_jax: process {process_id}/{num_processes} joining {coordinator_address} "
             f"(waiting up to {timeout_s} s for every process)",
-            file=sys.stderr, flush=True,
+            file=sys.stderr,
+            flush=True,
         )
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
@@ -172,7 +177,9 @@ def process_rows(global_size: int) -> slice:
     return slice(i * size, (i + 1) * size)
 
 
-def global_batch(local: PyTree, mesh: Mesh, *, axis_name: str = "data", batch_axis: int = 0) -> PyTree:
+def global_batch(
+    local: PyTree, mesh: Mesh, *, axis_name: str = "data", batch_axis: int = 0
+) -> PyTree:
     """Assemble per-process batch slices into global arrays split over ``mesh[axis_name]``.
 
     Each process passes only the rows it loaded (:func:`process_rows`); every leaf becomes a
@@ -180,6 +187,7 @@ def global_batch(local: PyTree, mesh: Mesh, *, axis_name: str = "data", batch_ax
     processes' slices (``jax.make_array_from_process_local_data``). Use ``batch_axis=1`` for
     the ``(K, batch, ...)`` base batches of a bilevel step.
     """
+
     def one(x):
         x = np.asarray(x)
         if x.ndim <= batch_axis:
@@ -203,6 +211,7 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 
 def to_host(tree: PyTree) -> PyTree:
     """NumPy copies of replicated (or single-process) arrays, readable on every process."""
+
     def one(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             if not x.is_fully_replicated:
@@ -292,12 +301,21 @@ def launch_local(
         procs = []
         for rank in range(num_processes):
             penv = dict(os.environ, **(env or {}))
-            penv.update({ENV_COORDINATOR: address, ENV_NUM_PROCESSES: str(num_processes),
-                         ENV_PROCESS_ID: str(rank), ENV_TIMEOUT: str(init_timeout_s),
-                         "PYTHONUNBUFFERED": "1"})
+            penv.update(
+                {
+                    ENV_COORDINATOR: address,
+                    ENV_NUM_PROCESSES: str(num_processes),
+                    ENV_PROCESS_ID: str(rank),
+                    ENV_TIMEOUT: str(init_timeout_s),
+                    "PYTHONUNBUFFERED": "1",
+                }
+            )
             with open(f"{logs}/{rank}.out", "w") as fo, open(f"{logs}/{rank}.err", "w") as fe:
-                procs.append(subprocess.Popen([sys.executable, *argv], env=penv, cwd=cwd,
-                                              stdout=fo, stderr=fe))
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, *argv], env=penv, cwd=cwd, stdout=fo, stderr=fe
+                    )
+                )
         try:
             failure = _first_failure(procs, timeout_s)
         finally:
@@ -310,8 +328,10 @@ def launch_local(
             tail = _tail(f"{logs}/{rank}.err")
             why = ""
             if "RegisterTask" in tail or "DEADLINE_EXCEEDED" in tail:
-                why = (f": a peer process never registered with the coordinator at {address} "
-                       f"within {init_timeout_s} s")
+                why = (
+                    f": a peer process never registered with the coordinator at {address} "
+                    f"within {init_timeout_s} s"
+                )
             raise DistributedLaunchError(
                 f"process {rank} of {num_processes} {_describe_exit(rc)}{why}. "
                 f"End of its stderr:\n{tail}"

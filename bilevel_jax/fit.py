@@ -224,7 +224,11 @@ def fit(
     total = None if num_meta_steps is None else int(num_meta_steps)
     base_step = int(state.step)
     skipped = [int(state.skipped_base), int(state.skipped_meta)]
-    last_saved = start if resume and checkpointer is not None and checkpointer.latest_step() == start else None
+    last_saved = (
+        start
+        if resume and checkpointer is not None and checkpointer.latest_step() == start
+        else None
+    )
 
     base_it = _open(base_iter, start, origin, "base_iter")
     meta_it = _open(meta_iter, start, origin, "meta_iter")
@@ -244,8 +248,12 @@ def fit(
             pos, bstep, metrics = pending[0]
             values = {k: _scalar(v) for k, v in jax.device_get(metrics).items()}
             pending.popleft()
-            rec = {"meta_step": pos, "step": bstep, **values,
-                   "elapsed_s": round(time.perf_counter() - t0, 4)}
+            rec = {
+                "meta_step": pos,
+                "step": bstep,
+                **values,
+                "elapsed_s": round(time.perf_counter() - t0, 4),
+            }
             if pos in evals:
                 rec["eval"] = evals.pop(pos)
             history.append(rec)
@@ -298,8 +306,9 @@ def fit(
             except ImportError:
                 tqdm = None
             if tqdm is not None:
-                bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True,
-                           mininterval=0.5)
+                bar = tqdm(
+                    total=total, initial=start, desc=desc, dynamic_ncols=True, mininterval=0.5
+                )
 
         while total is None or pos < total:
             try:

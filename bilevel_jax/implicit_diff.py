@@ -98,7 +98,8 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -159,8 +160,7 @@ def _prepare_linear_solve(
     has_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
     if not has_var_kw:
         accepted = {
-            n for n, p in params.items()
-            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+            n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
         } - {"matvec", "b"}
         unknown = sorted(set(kwargs) - accepted)
         if unknown:
@@ -272,9 +272,7 @@ def _implicit_call(
             sol, aux = out, None
         _check_solution(sol)
         sol = jax.tree.map(jnp.asarray, sol)
-        _check_optimality_output(
-            fn_name, sol, jax.eval_shape(optimality, sol, list(rest_vals))
-        )
+        _check_optimality_output(fn_name, sol, jax.eval_shape(optimality, sol, list(rest_vals)))
         aux_leaves, aux_def = jax.tree.flatten(aux)
         aux_dyn = [i for i, x in enumerate(aux_leaves) if _is_traced(x)]
         aux_box.update(leaves=aux_leaves, treedef=aux_def, dyn=aux_dyn)
@@ -322,9 +320,7 @@ def _implicit_call(
         return init_cot, rest_cot
 
     implicit.defvjp(fwd, bwd)
-    sol, aux_vals = implicit(
-        [leaves[i] for i in init_pos], [leaves[i] for i in rest_pos]
-    )
+    sol, aux_vals = implicit([leaves[i] for i in init_pos], [leaves[i] for i in rest_pos])
     if not has_aux:
         return sol
     aux_leaves = list(aux_box["leaves"])
@@ -452,8 +448,17 @@ def _make_decorator(optimality_fn, fn_name, solve, solver_kwargs, has_aux, check
         @functools.wraps(solver)
         def wrapped(init, *args, **kwargs):
             return _implicit_call(
-                solver, optimality_fn, fn_name, linear_solve, solve_kw, solve_name,
-                has_aux, check_finite, init, args, kwargs,
+                solver,
+                optimality_fn,
+                fn_name,
+                linear_solve,
+                solve_kw,
+                solve_name,
+                has_aux,
+                check_finite,
+                init,
+                args,
+                kwargs,
             )
 
         wrapped.optimality_fn = optimality_fn  # type: ignore[attr-defined]

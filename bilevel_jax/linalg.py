@@ -16,7 +16,8 @@ Every solver takes ``(matvec, b, *, x0=None, ...)`` and returns a pytree like ``
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -50,35 +51,61 @@ def _damped(matvec: Matvec, damping: float) -> Matvec:
 
 
 def solve_cg(
-    matvec: Matvec, b: PyTree, *, x0: PyTree | None = None, maxiter: int = 10,
-    tol: float = 1e-10, damping: float = 0.0,
+    matvec: Matvec,
+    b: PyTree,
+    *,
+    x0: PyTree | None = None,
+    maxiter: int = 10,
+    tol: float = 1e-10,
+    damping: float = 0.0,
 ) -> PyTree:
     """Conjugate gradient for ``(A + δI) x = b`` (A symmetric positive definite)."""
     return sparse_linalg.cg(_damped(matvec, damping), b, x0=x0, tol=tol, maxiter=maxiter)[0]
 
 
 def solve_gmres(
-    matvec: Matvec, b: PyTree, *, x0: PyTree | None = None, maxiter: int = 10,
-    tol: float = 1e-10, damping: float = 0.0, restart: int = 20,
+    matvec: Matvec,
+    b: PyTree,
+    *,
+    x0: PyTree | None = None,
+    maxiter: int = 10,
+    tol: float = 1e-10,
+    damping: float = 0.0,
+    restart: int = 20,
 ) -> PyTree:
     """GMRES for ``(A + δI) x = b`` (any nonsingular A)."""
     return sparse_linalg.gmres(
-        _damped(matvec, damping), b, x0=x0, tol=tol, maxiter=maxiter, restart=restart,
+        _damped(matvec, damping),
+        b,
+        x0=x0,
+        tol=tol,
+        maxiter=maxiter,
+        restart=restart,
         solve_method="batched",
     )[0]
 
 
 def solve_bicgstab(
-    matvec: Matvec, b: PyTree, *, x0: PyTree | None = None, maxiter: int = 10,
-    tol: float = 1e-10, damping: float = 0.0,
+    matvec: Matvec,
+    b: PyTree,
+    *,
+    x0: PyTree | None = None,
+    maxiter: int = 10,
+    tol: float = 1e-10,
+    damping: float = 0.0,
 ) -> PyTree:
     """BiCGStab for ``(A + δI) x = b`` (any nonsingular A)."""
     return sparse_linalg.bicgstab(_damped(matvec, damping), b, x0=x0, tol=tol, maxiter=maxiter)[0]
 
 
 def solve_neumann(
-    matvec: Matvec, b: PyTree, *, x0: PyTree | None = None, maxiter: int = 10,
-    eta: float = 0.01, damping: float = 0.0,
+    matvec: Matvec,
+    b: PyTree,
+    *,
+    x0: PyTree | None = None,
+    maxiter: int = 10,
+    eta: float = 0.01,
+    damping: float = 0.0,
 ) -> PyTree:
     r"""Truncated Neumann series ``x = η Σ_{j=0..K} (I − ηA)^j b`` with K = ``maxiter``.
 
@@ -125,4 +152,6 @@ def get_solver(solve: str | Callable) -> Callable:
     try:
         return SOLVERS[solve]
     except KeyError:
-        raise ValueError(f"unknown linear solver {solve!r}; choose one of {sorted(SOLVERS)}") from None
+        raise ValueError(
+            f"unknown linear solver {solve!r}; choose one of {sorted(SOLVERS)}"
+        ) from None

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -88,11 +88,18 @@ def collective_report(compiled_text: str) -> dict:
     """
     blocks = dict(re.findall(r"^(?:ENTRY )?(%[\w.-]+) .*?\{\n(.*?)^\}", compiled_text, re.S | re.M))
     bodies = set(re.findall(r"body=(%[\w.-]+)", compiled_text))
-    in_body = [line for b in bodies if b in blocks for line in blocks[b].splitlines()
-               if _ALL_REDUCE.search(line)]
+    in_body = [
+        line
+        for b in bodies
+        if b in blocks
+        for line in blocks[b].splitlines()
+        if _ALL_REDUCE.search(line)
+    ]
     everywhere = [line for line in compiled_text.splitlines() if _ALL_REDUCE.search(line)]
     if not bodies:
-        raise ValueError("no while loop in the compiled step: collective_report needs K >= 2 base steps")
+        raise ValueError(
+            "no while loop in the compiled step: collective_report needs K >= 2 base steps"
+        )
 
     def size(lines):
         return sum(_nbytes(m.group(1)) for line in lines if (m := _SHAPE.search(line)))

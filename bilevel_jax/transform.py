@@ -167,7 +167,9 @@ def meta_grad(
             count=optax.safe_increment(state.count),
             nonfinite_count=state.nonfinite_count + (~result.finite).astype(jnp.int32),
             method_state=jax.tree.map(
-                lambda new, old: jnp.where(result.finite, new, old), method_state, state.method_state
+                lambda new, old: jnp.where(result.finite, new, old),
+                method_state,
+                state.method_state,
             ),
             meta_loss=jnp.asarray(result.meta_loss, jnp.float32),
             info={k: jnp.asarray(result.info[k], jnp.float32) for k in info_keys},

@@ -78,8 +78,15 @@ METHODS: dict[str, tuple[Callable[[], Any], Any]] = {
 }
 """name -> (method factory, compute dtype of the meta step's losses or None)."""
 
-RESULT_KEYS = ("temp_bytes", "flops", "ms_median", "mem_ratio_vs_plain", "time_ratio_vs_plain",
-               "flop_ratio_vs_plain", "train_throughput_ratio")
+RESULT_KEYS = (
+    "temp_bytes",
+    "flops",
+    "ms_median",
+    "mem_ratio_vs_plain",
+    "time_ratio_vs_plain",
+    "flop_ratio_vs_plain",
+    "train_throughput_ratio",
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,20 +96,30 @@ RESULT_KEYS = ("temp_bytes", "flops", "ms_median", "mem_ratio_vs_plain", "time_r
 class ByteTransformer(nnx.Module):
     """A small pre-LayerNorm transformer classifier over byte sequences (mean-pooled)."""
 
-    def __init__(self, *, seq: int, classes: int, dim: int = 128, heads: int = 4, layers: int = 2,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        *,
+        seq: int,
+        classes: int,
+        dim: int = 128,
+        heads: int = 4,
+        layers: int = 2,
+        rngs: nnx.Rngs,
+    ):
         self.embed = nnx.Embed(256, dim, rngs=rngs)
         self.pos = nnx.Param(jax.random.normal(rngs.params(), (seq, dim)) * 0.02)
-        self.blocks = nnx.List([
-            nnx.Dict(
-                ln1=nnx.LayerNorm(dim, rngs=rngs),
-                attn=nnx.MultiHeadAttention(heads, dim, decode=False, rngs=rngs),
-                ln2=nnx.LayerNorm(dim, rngs=rngs),
-                fc1=nnx.Linear(dim, 4 * dim, rngs=rngs),
-                fc2=nnx.Linear(4 * dim, dim, rngs=rngs),
-            )
-            for _ in range(layers)
-        ])
+        self.blocks = nnx.List(
+            [
+                nnx.Dict(
+                    ln1=nnx.LayerNorm(dim, rngs=rngs),
+                    attn=nnx.MultiHeadAttention(heads, dim, decode=False, rngs=rngs),
+                    ln2=nnx.LayerNorm(dim, rngs=rngs),
+                    fc1=nnx.Linear(dim, 4 * dim, rngs=rngs),
+                    fc2=nnx.Linear(4 * dim, dim, rngs=rngs),
+                )
+                for _ in range(layers)
+            ]
+        )
         self.ln = nnx.LayerNorm(dim, rngs=rngs)
         self.head = nnx.Linear(dim, classes, rngs=rngs)
 
@@ -123,11 +140,19 @@ class ModelSpec:
 
 
 MODELS = {
-    "mlp_256": ModelSpec("mlp_256", lambda ds: nl.MLP((784, 256, 256, 10), rngs=nnx.Rngs(0)), "mnist"),
-    "mlp_1024": ModelSpec("mlp_1024", lambda ds: nl.MLP((784, 1024, 1024, 10), rngs=nnx.Rngs(0)), "mnist"),
+    "mlp_256": ModelSpec(
+        "mlp_256", lambda ds: nl.MLP((784, 256, 256, 10), rngs=nnx.Rngs(0)), "mnist"
+    ),
+    "mlp_1024": ModelSpec(
+        "mlp_1024", lambda ds: nl.MLP((784, 1024, 1024, 10), rngs=nnx.Rngs(0)), "mnist"
+    ),
     # batch 64 keeps the full run's ITD/CG/Neumann timings of this model within minutes on 2 cores
-    "mlp_10m": ModelSpec("mlp_10m", lambda ds: nl.MLP((784, 2048, 2048, 2048, 10), rngs=nnx.Rngs(0)),
-                         "mnist", batch=64),
+    "mlp_10m": ModelSpec(
+        "mlp_10m",
+        lambda ds: nl.MLP((784, 2048, 2048, 2048, 10), rngs=nnx.Rngs(0)),
+        "mnist",
+        batch=64,
+    ),
     "transformer": ModelSpec(
         "transformer",
         lambda ds: ByteTransformer(seq=ds.x.shape[1], classes=ds.num_classes, rngs=nnx.Rngs(0)),
@@ -143,7 +168,9 @@ QUICK_MODELS = ("mlp_256", "mlp_1024")
 
 
 def _cast(tree, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
 
 
 def _in_dtype(loss, dtype):
@@ -179,11 +206,20 @@ def make_problem(spec: ModelSpec, datasets: dict) -> Problem:
     idx = rng.permutation(len(ds.y))
     b = spec.batch
     batch = (jnp.asarray(ds.x[idx[:b]]), jnp.asarray(ds.y[idx[:b]]))
-    meta = (jnp.asarray(ds.x[idx[b:2 * b]]), jnp.asarray(ds.y[idx[b:2 * b]]))
+    meta = (jnp.asarray(ds.x[idx[b : 2 * b]]), jnp.asarray(ds.y[idx[b : 2 * b]]))
     n_params = sum(x.size for x in jax.tree.leaves(theta))
     # eps_root > 0: ITD and DDS differentiate through Adam (DESIGN §4)
-    return Problem(losses, theta, lam, optax.adam(1e-3, eps_root=1e-8), optax.adam(1e-3), batch, meta,
-                   int(n_params), dict(ds.source))
+    return Problem(
+        losses,
+        theta,
+        lam,
+        optax.adam(1e-3, eps_root=1e-8),
+        optax.adam(1e-3),
+        batch,
+        meta,
+        int(n_params),
+        dict(ds.source),
+    )
 
 
 def plain_step(p: Problem):
@@ -197,6 +233,7 @@ def plain_step(p: Problem):
 
 def base_step(p: Problem):
     """A weighted base step that also returns what SAMA's ``adapt_from="last"`` keeps."""
+
     def step(theta, s, lam, batch):
         g = jax.grad(p.losses.base)(theta, lam, batch)
         upd, s_new = p.base_tx.update(g, s, theta)
@@ -212,8 +249,9 @@ def after_base_step(p: Problem) -> tuple:
 
 
 def meta_step(p: Problem, method, dtype=None, after: tuple | None = None):
-    problem = bj.BilevelProblem(_in_dtype(p.losses.base, dtype), _in_dtype(p.losses.meta, dtype),
-                                p.base_tx)
+    problem = bj.BilevelProblem(
+        _in_dtype(p.losses.base, dtype), _in_dtype(p.losses.meta, dtype), p.base_tx
+    )
 
     def step(lam, meta_s, method_state, theta, s, last_g, last_s, batch, meta_batch):
         inputs = bj.BilevelInputs(theta, lam, s, batch, meta_batch, last_g, last_s)
@@ -222,8 +260,17 @@ def meta_step(p: Problem, method, dtype=None, after: tuple | None = None):
         return optax.apply_updates(lam, upd), meta_s, method_state, hg.meta_loss
 
     theta, s, last_g, last_s = after if after is not None else after_base_step(p)
-    args = (p.lam, p.meta_tx.init(p.lam), method.init(p.theta, p.lam), theta, s, last_g, last_s,
-            p.batch, p.meta_batch)
+    args = (
+        p.lam,
+        p.meta_tx.init(p.lam),
+        method.init(p.theta, p.lam),
+        theta,
+        s,
+        last_g,
+        last_s,
+        p.batch,
+        p.meta_batch,
+    )
     return step, args
 
 
@@ -237,10 +284,18 @@ def compile_stats(fn: Callable, args: tuple, donate: tuple[int, ...] = ()) -> tu
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-            + mem.temp_size_in_bytes)
-    return compiled, {"temp_bytes": int(mem.temp_size_in_bytes), "flops": float(cost["flops"]),
-                      "argument_bytes": int(mem.argument_size_in_bytes), "peak_bytes": int(peak)}
+    peak = (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+    )
+    return compiled, {
+        "temp_bytes": int(mem.temp_size_in_bytes),
+        "flops": float(cost["flops"]),
+        "argument_bytes": int(mem.argument_size_in_bytes),
+        "peak_bytes": int(peak),
+    }
 
 
 def time_calls(compiled, args: tuple, n: int, donate: tuple[int, ...] = ()) -> list[float]:
@@ -271,8 +326,14 @@ def plain_k_steps(p: Problem):
     return run
 
 
-def bench_model(spec: ModelSpec, datasets: dict, methods: tuple[str, ...], timed: int,
-                timed_e2e: int, progress: bool = True) -> dict:
+def bench_model(
+    spec: ModelSpec,
+    datasets: dict,
+    methods: tuple[str, ...],
+    timed: int,
+    timed_e2e: int,
+    progress: bool = True,
+) -> dict:
     from tqdm.auto import tqdm
 
     p = make_problem(spec, datasets)
@@ -293,22 +354,29 @@ def bench_model(spec: ModelSpec, datasets: dict, methods: tuple[str, ...], timed
         fn, margs = meta_step(p, method, dtype, after)
         jobs[name, "meta"] = (fn, margs, (0, 1, 2))
         # end to end: the library's bilevel step, K base steps + 1 meta step
-        step = bj.bilevel_step(p.losses.base, p.losses.meta, p.base_tx, p.meta_tx, method,
-                               meta_compute_dtype=dtype)
+        step = bj.bilevel_step(
+            p.losses.base, p.losses.meta, p.base_tx, p.meta_tx, method, meta_compute_dtype=dtype
+        )
         jobs[name, "e2e"] = (step, (step.init(p.theta, p.lam), batches, p.meta_batch), (0,))
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        futures = {key: pool.submit(compile_stats, fn, a, donate=d) for key, (fn, a, d) in jobs.items()}
+        futures = {
+            key: pool.submit(compile_stats, fn, a, donate=d) for key, (fn, a, d) in jobs.items()
+        }
         compiled = {key: f.result() for key, f in futures.items()}
 
     rows = {}
     for name in tqdm(methods, desc=f"{spec.name:>11}", disable=not progress, file=sys.stdout):
         meta_c, stats = compiled[name, "meta"]
         _, margs, donate = jobs[name, "meta"]
-        stats = dict(stats, ms_median=statistics.median(time_calls(meta_c, margs, timed, donate=donate)))
+        stats = dict(
+            stats, ms_median=statistics.median(time_calls(meta_c, margs, timed, donate=donate))
+        )
         e2e_c, e2e = compiled[name, "e2e"]
         _, e2e_args, donate = jobs[name, "e2e"]
         stats["bilevel_step_peak_bytes"] = e2e["peak_bytes"]
-        stats["bilevel_step_ms_median"] = statistics.median(time_calls(e2e_c, e2e_args, timed_e2e, donate=donate))
+        stats["bilevel_step_ms_median"] = statistics.median(
+            time_calls(e2e_c, e2e_args, timed_e2e, donate=donate)
+        )
         rows[name] = stats
     plain_times += time_calls(plain_c, args, timed, donate=(0, 1))  # before and after, pooled
     pk_times += time_calls(pk_c, pk_args, timed_e2e, donate=(0, 1))
@@ -328,16 +396,25 @@ def bench_model(spec: ModelSpec, datasets: dict, methods: tuple[str, ...], timed
     out = {"plain": {**plain, **ratios(plain)}}
     for name, r in rows.items():
         out[name] = {**r, **ratios(r)}
-    out["_model"] = {"n_params": p.n_params, "n_meta_params": int(sum(x.size for x in jax.tree.leaves(p.lam))),
-                     "batch": spec.batch, "meta_batch": spec.batch, "K": K, "data": p.data}
+    out["_model"] = {
+        "n_params": p.n_params,
+        "n_meta_params": int(sum(x.size for x in jax.tree.leaves(p.lam))),
+        "batch": spec.batch,
+        "meta_batch": spec.batch,
+        "K": K,
+        "data": p.data,
+    }
     return out
 
 
 def memory_slopes(result: dict, models: tuple[str, ...]) -> dict:
     """Least-squares slope of temp bytes against parameter count per method, over the MLPs
     that share the reference batch size (so that only the parameter count changes)."""
-    mlps = [m for m in models if m.startswith("mlp") and m in result
-            and result[m]["_model"]["batch"] == BATCH]
+    mlps = [
+        m
+        for m in models
+        if m.startswith("mlp") and m in result and result[m]["_model"]["batch"] == BATCH
+    ]
     if len(mlps) < 2:
         return {}
     n = np.array([result[m]["_model"]["n_params"] for m in mlps], float)
@@ -347,8 +424,11 @@ def memory_slopes(result: dict, models: tuple[str, ...]) -> dict:
             continue
         t = np.array([result[m][method]["temp_bytes"] for m in mlps], float)
         out[method] = float(np.polyfit(n, t, 1)[0])
-    return {"models": mlps, "bytes_per_param": out,
-            "slope_ratio_vs_plain": {k: v / out["plain"] for k, v in out.items()}}
+    return {
+        "models": mlps,
+        "bytes_per_param": out,
+        "slope_ratio_vs_plain": {k: v / out["plain"] for k, v in out.items()},
+    }
 
 
 def goals(result: dict) -> dict:
@@ -362,9 +442,14 @@ def goals(result: dict) -> dict:
             continue
         row = {
             "mem_vs_plain": (s["mem_ratio_vs_plain"], s["mem_ratio_vs_plain"] <= 1.3),
-            "time_vs_flop_scaled_plain": (s["time_ratio_vs_plain"] / s["flop_ratio_vs_plain"],
-                                          s["time_ratio_vs_plain"] <= 1.1 * s["flop_ratio_vs_plain"]),
-            "throughput_vs_plain": (s["train_throughput_ratio"], s["train_throughput_ratio"] >= 0.85),
+            "time_vs_flop_scaled_plain": (
+                s["time_ratio_vs_plain"] / s["flop_ratio_vs_plain"],
+                s["time_ratio_vs_plain"] <= 1.1 * s["flop_ratio_vs_plain"],
+            ),
+            "throughput_vs_plain": (
+                s["train_throughput_ratio"],
+                s["train_throughput_ratio"] >= 0.85,
+            ),
         }
         for other in ("neumann", "cg"):
             if other in r:
@@ -377,8 +462,13 @@ def goals(result: dict) -> dict:
     return g
 
 
-def run(models: tuple[str, ...], methods: tuple[str, ...], timed: int, timed_e2e: int,
-        progress: bool = True) -> dict:
+def run(
+    models: tuple[str, ...],
+    methods: tuple[str, ...],
+    timed: int,
+    timed_e2e: int,
+    progress: bool = True,
+) -> dict:
     needs = {MODELS[m].data for m in models}
     datasets = {}
     if "mnist" in needs:
@@ -392,11 +482,17 @@ def run(models: tuple[str, ...], methods: tuple[str, ...], timed: int, timed_e2e
     result["_memory_slope"] = memory_slopes(result, models)
     result["_goals"] = goals(result)
     result["_config"] = {
-        "models": list(models), "methods": list(methods), "timed_calls": timed,
-        "timed_calls_end_to_end": timed_e2e, "K": K,
-        "device": str(jax.devices()[0]), "platform": jax.default_backend(),
-        "cpu_count": os.cpu_count(), "jax": jax.__version__,
-        "python": platform.python_version(), "wall_s": time.perf_counter() - t0,
+        "models": list(models),
+        "methods": list(methods),
+        "timed_calls": timed,
+        "timed_calls_end_to_end": timed_e2e,
+        "K": K,
+        "device": str(jax.devices()[0]),
+        "platform": jax.default_backend(),
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "wall_s": time.perf_counter() - t0,
     }
     return result
 
@@ -411,9 +507,13 @@ def table(result: dict) -> str:
         if model.startswith("_"):
             continue
         info = r["_model"]
-        lines.append(f"\n{model} (n_θ = {info['n_params']:,}, batch {info['batch']}, K = {info['K']})\n")
-        lines.append("| method | temp MiB | mem ×plain | GFLOP | FLOP ×plain | ms | time ×plain "
-                     "| throughput ×plain | training peak ×plain |")
+        lines.append(
+            f"\n{model} (n_θ = {info['n_params']:,}, batch {info['batch']}, K = {info['K']})\n"
+        )
+        lines.append(
+            "| method | temp MiB | mem ×plain | GFLOP | FLOP ×plain | ms | time ×plain "
+            "| throughput ×plain | training peak ×plain |"
+        )
         lines.append("|---|---|---|---|---|---|---|---|---|")
         for name, x in r.items():
             if name.startswith("_"):
@@ -439,20 +539,35 @@ def plot(result: dict, path: str) -> None:
     colors = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
     markers = "os^vDPX*<>ph"
     for i, method in enumerate(methods):
-        style = {"color": colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], "marker": markers[i % len(markers)]}
-        pts = sorted((result[m]["_model"]["n_params"], result[m][method]["temp_bytes"] / 2**20)
-                     for m in models if m.startswith("mlp"))
+        style = {
+            "color": colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
+            "marker": markers[i % len(markers)],
+        }
+        pts = sorted(
+            (result[m]["_model"]["n_params"], result[m][method]["temp_bytes"] / 2**20)
+            for m in models
+            if m.startswith("mlp")
+        )
         if pts:
             a.plot(*zip(*pts), label=method, lw=2.5 if method in ("plain", "sama") else 1, **style)
         xs = [result[m][method]["mem_ratio_vs_plain"] for m in models]
         ys = [result[m][method]["train_throughput_ratio"] for m in models]
         b.scatter(xs, ys, label=method, s=70 if method in ("plain", "sama") else 30, **style)
     batches = sorted({result[m]["_model"]["batch"] for m in models if m.startswith("mlp")})
-    a.set(xscale="log", yscale="log", xlabel="parameters (MLPs)", ylabel="compiled temp memory (MiB)",
-          title="Memory of one step against model size"
-                + (f" (batches {'/'.join(map(str, batches))})" if len(batches) > 1 else ""))
-    b.set(xscale="log", xlabel="temp memory / plain step", ylabel="training throughput / plain",
-          title="Throughput against memory (every model)")
+    a.set(
+        xscale="log",
+        yscale="log",
+        xlabel="parameters (MLPs)",
+        ylabel="compiled temp memory (MiB)",
+        title="Memory of one step against model size"
+        + (f" (batches {'/'.join(map(str, batches))})" if len(batches) > 1 else ""),
+    )
+    b.set(
+        xscale="log",
+        xlabel="temp memory / plain step",
+        ylabel="training throughput / plain",
+        title="Throughput against memory (every model)",
+    )
     b.axhline(0.85, color="grey", ls=":", lw=1)
     a.legend(fontsize=7, ncol=2)
     b.legend(fontsize=7, ncol=2)
@@ -463,13 +578,21 @@ def plot(result: dict, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="the two small MLPs only (< 2 min on 2 cores)")
+    p.add_argument(
+        "--quick", action="store_true", help="the two small MLPs only (< 2 min on 2 cores)"
+    )
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=None)
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    p.add_argument("--timed", type=int, default=20, help="timed calls per function (after 2 warm-up)")
-    p.add_argument("--timed-e2e", type=int, default=None,
-                   help="timed calls of the whole bilevel step and of K plain steps (throughput; "
-                        "default 10, 3 with --quick)")
+    p.add_argument(
+        "--timed", type=int, default=20, help="timed calls per function (after 2 warm-up)"
+    )
+    p.add_argument(
+        "--timed-e2e",
+        type=int,
+        default=None,
+        help="timed calls of the whole bilevel step and of K plain steps (throughput; "
+        "default 10, 3 with --quick)",
+    )
     p.add_argument("--json", default=None, help="write the results here (and a PNG beside it)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -478,8 +601,12 @@ def main(argv: list[str] | None = None) -> dict:
     result = run(models, tuple(args.methods), args.timed, timed_e2e, progress=not args.no_progress)
     print(table(result))
     for model, g in result["_goals"].items():
-        print(model, {k: (round(v["value"], 3), v["met"]) for k, v in g.items()} if "value" not in g
-              else (round(g["value"], 3), g["met"]))
+        print(
+            model,
+            {k: (round(v["value"], 3), v["met"]) for k, v in g.items()}
+            if "value" not in g
+            else (round(g["value"], 3), g["met"]),
+        )
     if args.json:
         path = pathlib.Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -105,8 +105,8 @@ import optax
 from jax import lax
 
 import bilevel_jax as bj
-from experiments._io import save_results
 from bilevel_jax.hypergrad import BilevelInputs, BilevelProblem
+from experiments._io import save_results
 
 __all__ = [
     "METHODS",
@@ -277,7 +277,9 @@ def _run_scan(cfg: Config, method, x, y, xm, ym, lam_star):
 
     def true_grad(lam):
         w = w_star(lam)
-        return cfg.beta * jax.scipy.linalg.cho_solve(a_chol, 2.0 * xm.T @ (xm @ w - ym) / xm.shape[0])
+        return cfg.beta * jax.scipy.linalg.cho_solve(
+            a_chol, 2.0 * xm.T @ (xm @ w - ym) / xm.shape[0]
+        )
 
     def base_step(carry, _):
         w, s, lam = carry
@@ -445,7 +447,11 @@ def run_experiment(cfg: Config = Config()) -> dict[str, Any]:
         "lambda_star_norm": float(np.linalg.norm(lam_star)),
         "closed_form_grad_norm_at_lambda_star": float(np.linalg.norm(g_star)),
         "closed_form_grad_norm_at_lambda_0": float(np.linalg.norm(g_zero)),
-        "versions": {"jax": jax.__version__, "optax": optax.__version__, "python": sys.version.split()[0]},
+        "versions": {
+            "jax": jax.__version__,
+            "optax": optax.__version__,
+            "python": sys.version.split()[0],
+        },
     }
     return out
 
@@ -494,9 +500,7 @@ def write_png(result: dict[str, Any], path: str) -> None:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     ratios = [result[k]["time_ratio_vs_sama"] for k in METHODS]
-    bars = ax3.bar(
-        [_STYLE[k][0] for k in METHODS], ratios, color=[colors[k] for k in METHODS]
-    )
+    bars = ax3.bar([_STYLE[k][0] for k in METHODS], ratios, color=[colors[k] for k in METHODS])
     for b, k in zip(bars, METHODS):
         ax3.annotate(
             f"{result[k]['time_ratio_vs_sama']:.2f}×\n{result[k]['temp_bytes'] / 1024:.0f} KiB",

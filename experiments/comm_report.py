@@ -85,10 +85,20 @@ def report(devices: int = 8) -> dict:
     n_lam = sum(x.size for x in jax.tree.leaves(lam))
     base = (jnp.zeros((K, BATCH, SIZES[0])), jnp.zeros((K, BATCH), jnp.int32))
     meta = (jnp.zeros((META_BATCH, SIZES[0])), jnp.zeros((META_BATCH,), jnp.int32))
-    out = {"config": {"devices": devices, "K": K, "batch": BATCH, "meta_batch": META_BATCH,
-                      "model": "MLP 784-256-10", "meta_model": "MWN 1-100-1",
-                      "n_theta": n_theta, "n_lambda": n_lam, "dtype": "float32",
-                      "jax": jax.__version__}}
+    out = {
+        "config": {
+            "devices": devices,
+            "K": K,
+            "batch": BATCH,
+            "meta_batch": META_BATCH,
+            "model": "MLP 784-256-10",
+            "meta_model": "MWN 1-100-1",
+            "n_theta": n_theta,
+            "n_lambda": n_lam,
+            "dtype": "float32",
+            "jax": jax.__version__,
+        }
+    }
     for name, (make, naive) in METHODS.items():
         t0 = time.perf_counter()
         method = make()
@@ -107,9 +117,12 @@ def report(devices: int = 8) -> dict:
             "naive_meta_step_bytes": 4 * sum(sizes),
             "compile_s": round(time.perf_counter() - t0, 2),
         }
-        print(f"{name:8s} base {r['base_step_allreduces']} ({r['base_step_bytes']:,} B)  meta "
-              f"{r['meta_step_allreduces']} ({r['meta_step_bytes']:,} B)  naive {len(sizes)} "
-              f"({4 * sum(sizes):,} B)", flush=True)
+        print(
+            f"{name:8s} base {r['base_step_allreduces']} ({r['base_step_bytes']:,} B)  meta "
+            f"{r['meta_step_allreduces']} ({r['meta_step_bytes']:,} B)  naive {len(sizes)} "
+            f"({4 * sum(sizes):,} B)",
+            flush=True,
+        )
     return out
 
 

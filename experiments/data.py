@@ -122,7 +122,7 @@ def _read_mnist5k(path: str) -> tuple[np.ndarray, np.ndarray, str]:
         raise ValueError(f"{path}: pixel values outside [0, 255]")
     if labels.min() < 0 or labels.max() > 9:
         raise ValueError(f"{path}: labels outside [0, 9]")
-    x = _readonly((pixels.astype(np.float32) / np.float32(255.0)))
+    x = _readonly(pixels.astype(np.float32) / np.float32(255.0))
     y = _readonly(labels.astype(np.int32))
     return x, y, sha
 
@@ -317,7 +317,16 @@ def pairflip_noise(
     return y_noisy, mask
 
 
-STDLIB_PACKAGES = ("asyncio", "email", "importlib", "xml", "unittest", "multiprocessing", "http", "logging")
+STDLIB_PACKAGES = (
+    "asyncio",
+    "email",
+    "importlib",
+    "xml",
+    "unittest",
+    "multiprocessing",
+    "http",
+    "logging",
+)
 """Standard-library packages whose source files make the classes of :func:`load_stdlib_bytes`."""
 
 
@@ -336,8 +345,8 @@ def load_stdlib_bytes(
       ``y`` int32 class ids, and ``source`` recording the directory, Python version, file count
       and the sha256 of every byte read.
     """
-    import sysconfig
     import platform
+    import sysconfig
 
     root = sysconfig.get_paths()["stdlib"]
     digest, files, xs, ys = hashlib.sha256(), 0, [], []
@@ -356,7 +365,9 @@ def load_stdlib_bytes(
         files += len(paths)
         n = len(blob) // window
         if n < per_class:
-            raise ValueError(f"package {pkg!r} has only {n} windows of {window} bytes; asked {per_class}")
+            raise ValueError(
+                f"package {pkg!r} has only {n} windows of {window} bytes; asked {per_class}"
+            )
         arr = np.frombuffer(blob[: n * window], np.uint8).reshape(n, window)
         keep = np.linspace(0, n - 1, per_class).astype(int)
         xs.append(arr[keep].astype(np.int32))
@@ -370,5 +381,9 @@ def load_stdlib_bytes(
         "sha256": digest.hexdigest(),
         "window": window,
     }
-    return Dataset(x=_readonly(np.concatenate(xs)), y=_readonly(np.concatenate(ys)),
-                   num_classes=len(packages), source=source)
+    return Dataset(
+        x=_readonly(np.concatenate(xs)),
+        y=_readonly(np.concatenate(ys)),
+        num_classes=len(packages),
+        source=source,
+    )

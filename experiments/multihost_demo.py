@@ -56,7 +56,9 @@ def worker(args: argparse.Namespace) -> None:
 
     cfg = nl.Config(steps=args.steps)
     ds = data_lib.load_mnist5k()
-    splits = data_lib.stratified_split(ds.y, {"meta": cfg.meta_per_class, "test": cfg.test_per_class}, 0)
+    splits = data_lib.stratified_split(
+        ds.y, {"meta": cfg.meta_per_class, "test": cfg.test_per_class}, 0
+    )
     tr, me, te = splits["train"], splits["meta"], splits["test"]
     y_noisy, flipped = data_lib.symmetric_noise(ds.y[tr], cfg.noise_rate, ds.num_classes, 0)
     losses, theta0, lam0 = nl.make_losses(cfg, ds.x.shape[1], ds.num_classes, 0)
@@ -68,8 +70,13 @@ def worker(args: argparse.Namespace) -> None:
     idx = nl._batch_indices(len(tr), n_meta_steps * k, batch, 1).reshape(n_meta_steps, k, batch)
     meta_idx = np.random.default_rng(2).random((n_meta_steps, len(me))).argsort(1)[:, :meta_size]
 
-    step = bj.bilevel_step(losses.base, losses.meta, optax.adam(cfg.lr), optax.adam(cfg.meta_lr),
-                           bj.sama(cfg.alpha, adapt_from="last"))
+    step = bj.bilevel_step(
+        losses.base,
+        losses.meta,
+        optax.adam(cfg.lr),
+        optax.adam(cfg.meta_lr),
+        bj.sama(cfg.alpha, adapt_from="last"),
+    )
     dp_step = jax.jit(data_parallel(step, mesh), donate_argnums=0)
     state = dist.replicate(step.init(theta0, lam0), mesh)
     t0 = time.perf_counter()
@@ -85,20 +92,25 @@ def worker(args: argparse.Namespace) -> None:
     acc = float(jnp.mean(jnp.argmax(losses.logits(theta, ds.x[te]), -1) == ds.y[te]))
     w = np.asarray(losses.weights(theta, lam, ds.x[tr], y_noisy))
     checksum = float(sum(np.sum(np.abs(x), dtype=np.float64) for x in jax.tree.leaves(theta)))
-    print(json.dumps({
-        "process": jax.process_index(),
-        "processes": jax.process_count(),
-        "devices": jax.device_count(),
-        "steps": n_meta_steps * k,
-        "test_acc": acc,
-        "weight_clean": float(w[~flipped].mean()),
-        "weight_flipped": float(w[flipped].mean()),
-        "meta_loss": float(dist.to_host(metrics["meta_loss"])),
-        "skipped": int(state.skipped_base) + int(state.skipped_meta),
-        "theta_checksum": checksum,
-        "wall_s": wall,
-        "data": dict(ds.source),
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "process": jax.process_index(),
+                "processes": jax.process_count(),
+                "devices": jax.device_count(),
+                "steps": n_meta_steps * k,
+                "test_acc": acc,
+                "weight_clean": float(w[~flipped].mean()),
+                "weight_flipped": float(w[flipped].mean()),
+                "meta_loss": float(dist.to_host(metrics["meta_loss"])),
+                "skipped": int(state.skipped_base) + int(state.skipped_meta),
+                "theta_checksum": checksum,
+                "wall_s": wall,
+                "data": dict(ds.source),
+            }
+        ),
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -119,15 +131,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from bilevel_jax import distributed as dist
 
-    child = ["-m", "experiments.multihost_demo", "--worker", "--steps", str(args.steps),
-             "--devices-per-process", str(args.devices_per_process)]
+    child = [
+        "-m",
+        "experiments.multihost_demo",
+        "--worker",
+        "--steps",
+        str(args.steps),
+        "--devices-per-process",
+        str(args.devices_per_process),
+    ]
     env = {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     outs = dist.launch_local(child, args.processes, timeout_s=args.timeout, env=env, cwd=str(ROOT))
     reports = [json.loads(o.strip().splitlines()[-1]) for o in outs]
     r = reports[0]
-    print(f"{r['processes']} process(es) × {args.devices_per_process} devices, {r['steps']} steps "
-          f"in {r['wall_s']:.1f} s: clean test accuracy {r['test_acc']:.3f}; mean learned weight "
-          f"clean {r['weight_clean']:.3f}, flipped {r['weight_flipped']:.3f}")
+    print(
+        f"{r['processes']} process(es) × {args.devices_per_process} devices, {r['steps']} steps "
+        f"in {r['wall_s']:.1f} s: clean test accuracy {r['test_acc']:.3f}; mean learned weight "
+        f"clean {r['weight_clean']:.3f}, flipped {r['weight_flipped']:.3f}"
+    )
     sums = {x["theta_checksum"] for x in reports}
     print(f"parameters identical on every process: {len(sums) == 1}")
     if args.json:

@@ -52,11 +52,11 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.flatten_util import ravel_pytree
 
 import bilevel_jax as bj
 from experiments import data as data_lib
@@ -151,7 +151,9 @@ class CNN(nnx.Module):
         h = x.reshape(n, 7, 4, 7, 4).transpose(0, 1, 3, 2, 4).reshape(n, 7, 7, 16)  # 4×4 patches
         h = jax.nn.relu(self.conv1(h))
         hp = jnp.pad(h, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        cols = jnp.concatenate([hp[:, i:i + 7, j:j + 7] for i in range(3) for j in range(3)], -1)
+        cols = jnp.concatenate(
+            [hp[:, i : i + 7, j : j + 7] for i in range(3) for j in range(3)], -1
+        )
         h = jax.nn.relu(self.conv2(cols))  # (n, 7, 7, 32)
         h = h[:, :6, :6].reshape(n, 3, 2, 3, 2, -1).max(axis=(2, 4))
         return self.fc(h.reshape(n, -1))
@@ -165,7 +167,9 @@ class Corrector(nnx.Module):
     The output is always a probability distribution over the classes.
     """
 
-    def __init__(self, num_classes: int = 10, hidden: int = 64, prior: float = 6.0, *, rngs: nnx.Rngs):
+    def __init__(
+        self, num_classes: int = 10, hidden: int = 64, prior: float = 6.0, *, rngs: nnx.Rngs
+    ):
         self.num_classes = num_classes
         self.fc1 = nnx.Linear(2 * num_classes, hidden, rngs=rngs)
         self.fc2 = nnx.Linear(hidden, num_classes, rngs=rngs)
@@ -217,7 +221,9 @@ def init_params(arch: str, cfg: Config, seed: int) -> tuple[PyTree, PyTree, PyTr
     """(θ₀, MWN λ₀, corrector λ₀) for ``seed`` (MWN starts flat at w = 0.5, like the demo)."""
     theta = _graph(_model(arch, seed))[1]
     mwn = _graph(demo.MetaWeightNet(cfg.mwn_hidden, out_scale=0.0, rngs=nnx.Rngs(seed + 10_000)))[1]
-    corr = _graph(Corrector(10, cfg.corrector_hidden, cfg.corrector_prior, rngs=nnx.Rngs(seed + 20_000)))[1]
+    corr = _graph(
+        Corrector(10, cfg.corrector_hidden, cfg.corrector_prior, rngs=nnx.Rngs(seed + 20_000))
+    )[1]
     return theta, mwn, corr
 
 
@@ -262,9 +268,13 @@ def noisy_split(ds: data_lib.Dataset, kind: str, rate: float, cfg: Config, seed:
     noise = {"symmetric": data_lib.symmetric_noise, "pairflip": data_lib.pairflip_noise}[kind]
     y_noisy, flipped = noise(ds.y[tr], rate, ds.num_classes, seed)
     return {
-        "x_tr": jnp.asarray(ds.x[tr]), "y_tr": jnp.asarray(y_noisy), "flipped": flipped,
-        "x_me": jnp.asarray(ds.x[me]), "y_me": jnp.asarray(ds.y[me]),
-        "x_te": jnp.asarray(ds.x[te]), "y_te": jnp.asarray(ds.y[te]),
+        "x_tr": jnp.asarray(ds.x[tr]),
+        "y_tr": jnp.asarray(y_noisy),
+        "flipped": flipped,
+        "x_me": jnp.asarray(ds.x[me]),
+        "y_me": jnp.asarray(ds.y[me]),
+        "x_te": jnp.asarray(ds.x[te]),
+        "y_te": jnp.asarray(ds.y[te]),
     }
 
 
@@ -326,7 +336,9 @@ class _Timer:
 def _segments(cfg: Config, steps: int) -> int:
     per = cfg.meta_interval * cfg.segments
     if steps < per or steps % per:
-        raise ValueError(f"steps ({steps}) must be a positive multiple of meta_interval × segments ({per})")
+        raise ValueError(
+            f"steps ({steps}) must be a positive multiple of meta_interval × segments ({per})"
+        )
     return steps // cfg.segments
 
 
@@ -363,8 +375,9 @@ class Runner:
             else:
                 tx = self.adam
             base = self.losses.base if name == "sama_correct" else self.reweight.base
-            step = bj.bilevel_step(base, self.reweight.meta, tx, optax.adam(cfg.meta_lr),
-                                   make_method(name, cfg))
+            step = bj.bilevel_step(
+                base, self.reweight.meta, tx, optax.adam(cfg.meta_lr), make_method(name, cfg)
+            )
             self._bilevel[key] = (bilevel_segment(step), step)
         return self._bilevel[key]
 
@@ -375,7 +388,9 @@ class Runner:
             self.timer.add(label, time.perf_counter() - t0, self.per_seg)
         return out
 
-    def train(self, name: str, d: dict, seed: int, theta0, mwn0, corr0, tx_name: str = "adam") -> dict:
+    def train(
+        self, name: str, d: dict, seed: int, theta0, mwn0, corr0, tx_name: str = "adam"
+    ) -> dict:
         """Train ``name`` on the split ``d``; returns accuracy, curve and diagnostics."""
         cfg = self.cfg
         label = name if tx_name == "adam" else f"{name}_{tx_name}"
@@ -384,16 +399,19 @@ class Runner:
             x, y = {
                 "plain": (d["x_tr"], d["y_tr"]),
                 "clean_only": (d["x_me"], d["y_me"]),
-                "plain_plus_clean": (jnp.concatenate([d["x_tr"], d["x_me"]]),
-                                     jnp.concatenate([d["y_tr"], d["y_me"]])),
+                "plain_plus_clean": (
+                    jnp.concatenate([d["x_tr"], d["x_me"]]),
+                    jnp.concatenate([d["y_tr"], d["y_me"]]),
+                ),
             }[name]
             bs = min(cfg.batch_size, len(y))
             idx = demo._batch_indices(len(y), self.steps, bs, seed + 1)
             seg, tx = self._plain_seg(tx_name)
             theta, s = theta0, tx.init(theta0)
             for c in range(cfg.segments):
-                theta, s, _ = self._timed(label, c, seg, theta, s,
-                                          idx[c * self.per_seg:(c + 1) * self.per_seg], x, y)
+                theta, s, _ = self._timed(
+                    label, c, seg, theta, s, idx[c * self.per_seg : (c + 1) * self.per_seg], x, y
+                )
                 acc_curve.append(float(self.evaluate(theta, d["x_te"], d["y_te"])))
             return {"acc": acc_curve[-1], "curve": acc_curve, "theta": theta}
 
@@ -405,27 +423,44 @@ class Runner:
         state = step.init(theta0, lam0)
         n = self.per_seg // k
         for c in range(cfg.segments):
-            state, mloss = self._timed(label, c, seg, state, idx[c * n:(c + 1) * n],
-                                       d["x_tr"], d["y_tr"], d["x_me"], d["y_me"])
+            state, mloss = self._timed(
+                label,
+                c,
+                seg,
+                state,
+                idx[c * n : (c + 1) * n],
+                d["x_tr"],
+                d["y_tr"],
+                d["x_me"],
+                d["y_me"],
+            )
             acc_curve.append(float(self.evaluate(state.base_params, d["x_te"], d["y_te"])))
             meta_curve.append(float(jnp.mean(mloss)))
         mwn = state.meta_params["mwn"] if name == "sama_correct" else state.meta_params
         w = np.asarray(self.weights(state.base_params, mwn, d["x_tr"], d["y_tr"]))
         out = {
-            "acc": acc_curve[-1], "curve": acc_curve, "meta_loss_curve": meta_curve,
+            "acc": acc_curve[-1],
+            "curve": acc_curve,
+            "meta_loss_curve": meta_curve,
             "nonfinite_meta_steps": int(state.skipped_meta),
             "nonfinite_base_steps": int(state.skipped_base),
             "weight_clean": float(w[~d["flipped"]].mean()),
             "weight_noisy": float(w[d["flipped"]].mean()) if d["flipped"].any() else float("nan"),
             "weights_finite": bool(np.all(np.isfinite(w))),
-            "theta": state.base_params, "lam": state.meta_params, "w": w,
+            "theta": state.base_params,
+            "lam": state.meta_params,
+            "w": w,
         }
         if name == "sama_correct":
             soft = jax.jit(self.losses.soft_labels)(
-                state.base_params, state.meta_params["corr"], d["x_tr"], d["y_tr"])
+                state.base_params, state.meta_params["corr"], d["x_tr"], d["y_tr"]
+            )
             out["soft_label_mass_on_noisy_label"] = float(
-                jnp.mean(jnp.take_along_axis(soft, d["y_tr"][:, None], 1)))
-            out["corrected_argmax_acc_on_flipped"] = float("nan")  # filled by the caller (needs clean labels)
+                jnp.mean(jnp.take_along_axis(soft, d["y_tr"][:, None], 1))
+            )
+            out["corrected_argmax_acc_on_flipped"] = float(
+                "nan"
+            )  # filled by the caller (needs clean labels)
             out["soft"] = np.asarray(soft)
         return out
 
@@ -438,19 +473,27 @@ def provenance() -> dict:
 
     def git(*a):
         try:
-            return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(
+                ["git", *a], cwd=root, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return {"git_commit": git("rev-parse", "HEAD"),
-            "library_locally_modified": bool(git("status", "--porcelain", "--", "bilevel_jax"))}
+    return {
+        "git_commit": git("rev-parse", "HEAD"),
+        "library_locally_modified": bool(git("status", "--porcelain", "--", "bilevel_jax")),
+    }
 
 
 def summarize(values: list[float], seeds: list[int]) -> dict:
     """``{"mean", "std", "seeds", "acc"}`` of per-seed values (population std)."""
     a = np.asarray(values, np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std()), "seeds": list(seeds),
-            "acc": [float(v) for v in a]}
+    return {
+        "mean": float(a.mean()),
+        "std": float(a.std()),
+        "seeds": list(seeds),
+        "acc": [float(v) for v in a],
+    }
 
 
 def _weight_scatter(runner: Runner, d: dict, res: dict, n: int = 400, seed: int = 0) -> dict:
@@ -461,8 +504,10 @@ def _weight_scatter(runner: Runner, d: dict, res: dict, n: int = 400, seed: int 
     for key, mask in (("clean", ~d["flipped"]), ("noisy", d["flipped"])):
         ids = np.flatnonzero(mask)
         ids = rng.choice(ids, size=min(n, ids.size), replace=False)
-        out[key] = {"loss": [round(float(v), 4) for v in ce[ids]],
-                    "weight": [round(float(v), 4) for v in res["w"][ids]]}
+        out[key] = {
+            "loss": [round(float(v), 4) for v in ce[ids]],
+            "weight": [round(float(v), 4) for v in res["w"][ids]],
+        }
     return out
 
 
@@ -502,18 +547,31 @@ def run(
 
     def record(setting, method, seed, res, d):
         acc[setting][method].append(res["acc"])
-        info = {k: v for k, v in res.items() if k not in ("theta", "lam", "w", "soft", "curve", "meta_loss_curve", "acc")}
+        info = {
+            k: v
+            for k, v in res.items()
+            if k not in ("theta", "lam", "w", "soft", "curve", "meta_loss_curve", "acc")
+        }
         if "soft" in res:
             flipped = d["flipped"]
             clean = d["y_clean_tr"]
             pred = res["soft"].argmax(1)
-            info["corrected_argmax_acc_on_flipped"] = float((pred[flipped] == clean[flipped]).mean()) if flipped.any() else float("nan")
-            info["corrected_argmax_acc_on_clean"] = float((pred[~flipped] == clean[~flipped]).mean())
+            info["corrected_argmax_acc_on_flipped"] = (
+                float((pred[flipped] == clean[flipped]).mean()) if flipped.any() else float("nan")
+            )
+            info["corrected_argmax_acc_on_clean"] = float(
+                (pred[~flipped] == clean[~flipped]).mean()
+            )
         extra[setting][method].append({"seed": seed, **info})
         if curves is not None:
             for i, a in enumerate(res["curve"]):
-                rec = {"setting": setting, "method": method, "seed": seed,
-                       "step": (i + 1) * (steps // cfg.segments), "test_acc": a}
+                rec = {
+                    "setting": setting,
+                    "method": method,
+                    "seed": seed,
+                    "step": (i + 1) * (steps // cfg.segments),
+                    "test_acc": a,
+                }
                 if "meta_loss_curve" in res:
                     rec["meta_loss"] = res["meta_loss_curve"][i]
                 curves.append(rec)
@@ -522,7 +580,9 @@ def run(
         kind, rate, arch = SETTINGS[setting]
         runner = runners.setdefault(arch, Runner(arch, cfg, steps, timer))
         d = noisy_split(ds, kind, rate, cfg, seed)
-        splits = data_lib.stratified_split(ds.y, {"meta": cfg.meta_per_class, "test": cfg.test_per_class}, seed)
+        splits = data_lib.stratified_split(
+            ds.y, {"meta": cfg.meta_per_class, "test": cfg.test_per_class}, seed
+        )
         d["y_clean_tr"] = ds.y[splits["train"]]
         theta0, mwn0, corr0 = init_params(arch, cfg, seed)
         for method in methods:
@@ -533,7 +593,9 @@ def run(
             if method == "sama" and seed == seeds[0]:
                 scatter[setting] = _weight_scatter(runner, d, res)
             bar.update(1)
-        bar.set_postfix({m: f"{acc[setting][m][-1]:.3f}" for m in ("plain", "sama") if m in methods})
+        bar.set_postfix(
+            {m: f"{acc[setting][m][-1]:.3f}" for m in ("plain", "sama") if m in methods}
+        )
         # timings are per architecture: move this runner's samples under the setting name
         for m in methods:
             if m in timer.samples:
@@ -565,8 +627,16 @@ def run(
                 bar.set_description(f"ablation sgd s{seed} {m}")
                 res = runner.train(m, d, seed, theta0, mwn0, corr0, tx_name="sgd")
                 abl[m].append(res["acc"])
-                info[m].append({"seed": seed, **{k: v for k, v in res.items() if k in (
-                    "nonfinite_meta_steps", "weight_clean", "weight_noisy")}})
+                info[m].append(
+                    {
+                        "seed": seed,
+                        **{
+                            k: v
+                            for k, v in res.items()
+                            if k in ("nonfinite_meta_steps", "weight_clean", "weight_noisy")
+                        },
+                    }
+                )
                 if m != "plain":
                     info[m][-1]["final_mwn"] = res["lam"]
                 bar.update(1)
@@ -578,16 +648,30 @@ def run(
             gaps.append(float(jnp.linalg.norm(fa - fb) / jnp.linalg.norm(fb)))
         plain_ms = timer.ms("plain_sgd")
         result["ablation_sgd"] = {
-            "setting": "sym_0.4", "base_optimizer": f"optax.sgd({cfg.sgd_lr})",
-            **{m: {**summarize(abl[m], seeds), "per_seed": info[m],
-                   "time_ratio_vs_plain": timer.ms(f"{m}_sgd") / plain_ms} for m in abl},
-            "sama_minus_sama_na": summarize(np.subtract(abl["sama"], abl["sama_na"]).tolist(), seeds),
+            "setting": "sym_0.4",
+            "base_optimizer": f"optax.sgd({cfg.sgd_lr})",
+            **{
+                m: {
+                    **summarize(abl[m], seeds),
+                    "per_seed": info[m],
+                    "time_ratio_vs_plain": timer.ms(f"{m}_sgd") / plain_ms,
+                }
+                for m in abl
+            },
+            "sama_minus_sama_na": summarize(
+                np.subtract(abl["sama"], abl["sama_na"]).tolist(), seeds
+            ),
             "final_mwn_relative_difference": gaps,
         }
     bar.close()
     result["weights_vs_loss"] = scatter
-    result["config"] = {**dataclasses.asdict(cfg), "steps": steps, "seeds": list(seeds),
-                        "settings": {s: SETTINGS[s] for s in settings}, "methods": list(methods)}
+    result["config"] = {
+        **dataclasses.asdict(cfg),
+        "steps": steps,
+        "seeds": list(seeds),
+        "settings": {s: SETTINGS[s] for s in settings},
+        "methods": list(methods),
+    }
     result["data"] = dict(ds.source)
     result["provenance"] = prov
     result["wall_s"] = time.perf_counter() - t_start
@@ -603,25 +687,47 @@ def plot(result: dict, path: str) -> None:
 
     methods = result["config"]["methods"]
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
-    sym = sorted((SETTINGS[s][1], s) for s in result["config"]["settings"]
-                 if SETTINGS[s][0] == "symmetric" and SETTINGS[s][2] == "mlp")
+    sym = sorted(
+        (SETTINGS[s][1], s)
+        for s in result["config"]["settings"]
+        if SETTINGS[s][0] == "symmetric" and SETTINGS[s][2] == "mlp"
+    )
     ax = axes[0]
     for m in methods:
         if not sym:
             break
         xs = [r for r, _ in sym]
-        ax.errorbar(xs, [result[s][m]["mean"] for _, s in sym], yerr=[result[s][m]["std"] for _, s in sym],
-                    marker="o", capsize=3, label=m, ls="--" if m in BASELINES else "-")
-    ax.set(xlabel="symmetric noise rate", ylabel="clean test accuracy", title="MLP, MNIST-5k (mean ± std over seeds)")
+        ax.errorbar(
+            xs,
+            [result[s][m]["mean"] for _, s in sym],
+            yerr=[result[s][m]["std"] for _, s in sym],
+            marker="o",
+            capsize=3,
+            label=m,
+            ls="--" if m in BASELINES else "-",
+        )
+    ax.set(
+        xlabel="symmetric noise rate",
+        ylabel="clean test accuracy",
+        title="MLP, MNIST-5k (mean ± std over seeds)",
+    )
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     ax = axes[1]
     others = [s for s in result["config"]["settings"] if s not in {s for _, s in sym}]
     width = 0.8 / max(1, len(others))
     for j, s in enumerate(others):
-        ax.bar(np.arange(len(methods)) + j * width, [result[s][m]["mean"] for m in methods], width,
-               yerr=[result[s][m]["std"] for m in methods], label=s, capsize=2)
-    ax.set_xticks(np.arange(len(methods)) + width * (len(others) - 1) / 2, methods, rotation=60, fontsize=8)
+        ax.bar(
+            np.arange(len(methods)) + j * width,
+            [result[s][m]["mean"] for m in methods],
+            width,
+            yerr=[result[s][m]["std"] for m in methods],
+            label=s,
+            capsize=2,
+        )
+    ax.set_xticks(
+        np.arange(len(methods)) + width * (len(others) - 1) / 2, methods, rotation=60, fontsize=8
+    )
     ax.set(ylabel="clean test accuracy", title="pair-flip 40% (MLP) and symmetric 40% (CNN)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
@@ -631,11 +737,20 @@ def plot(result: dict, path: str) -> None:
     key = "sym_0.4" if "sym_0.4" in sc else next(iter(sc), None)
     if key:
         for grp, color in (("clean", "tab:blue"), ("noisy", "tab:red")):
-            ax.scatter(sc[key][grp]["loss"], sc[key][grp]["weight"], s=5, alpha=0.5, c=color,
-                       label=f"{grp} labels")
+            ax.scatter(
+                sc[key][grp]["loss"],
+                sc[key][grp]["weight"],
+                s=5,
+                alpha=0.5,
+                c=color,
+                label=f"{grp} labels",
+            )
         ax.set_xscale("log")
-        ax.set(xlabel="per-example loss (noisy label)", ylabel="learned MWN weight",
-               title=f"SAMA, {key}, seed {result['config']['seeds'][0]} (final model)")
+        ax.set(
+            xlabel="per-example loss (noisy label)",
+            ylabel="learned MWN weight",
+            title=f"SAMA, {key}, seed {result['config']['seeds'][0]} (final model)",
+        )
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -654,23 +769,37 @@ def print_table(result: dict) -> None:
         print(f"{m:<18}{cells}   {ratio:.2f}")
     if "ablation_sgd" in result:
         a = result["ablation_sgd"]
-        print("\nablation, SGD base optimizer, sym_0.4:",
-              ", ".join(f"{m} {a[m]['mean']:.3f}±{a[m]['std']:.3f}" for m in ("plain", "sama", "sama_na")),
-              f"| final MWN rel. diff {['%.2g' % g for g in a['final_mwn_relative_difference']]}")
+        print(
+            "\nablation, SGD base optimizer, sym_0.4:",
+            ", ".join(
+                f"{m} {a[m]['mean']:.3f}±{a[m]['std']:.3f}" for m in ("plain", "sama", "sama_na")
+            ),
+            f"| final MWN rel. diff {['%.2g' % g for g in a['final_mwn_relative_difference']]}",
+        )
 
 
 def cli(doc: str, quick_help: str) -> argparse.ArgumentParser:
     """The options both studies share: ``--quick``, ``--seeds``, ``--json``, ``--no-progress``."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help=quick_help)
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; quick: 0)")
-    p.add_argument("--json", default=None, help="write JSON here, plus <stem>.png and <stem>.metrics.jsonl")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; quick: 0)"
+    )
+    p.add_argument(
+        "--json", default=None, help="write JSON here, plus <stem>.png and <stem>.metrics.jsonl"
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
-def finish(result: dict, args: argparse.Namespace, t0: float, table: Callable, plot_fn: Callable,
-           records: list[dict]) -> dict:
+def finish(
+    result: dict,
+    args: argparse.Namespace,
+    t0: float,
+    table: Callable,
+    plot_fn: Callable,
+    records: list[dict],
+) -> dict:
     """Print the table, then write the JSON, PNG and ``records`` as ``<stem>.metrics.jsonl``."""
     result["quick"] = bool(args.quick)
     result["wall_s"] = time.perf_counter() - t0
@@ -687,7 +816,12 @@ def finish(result: dict, args: argparse.Namespace, t0: float, table: Callable, p
 
 def main(argv: list[str] | None = None) -> dict:
     p = cli(__doc__, "100 steps, one seed (smoke test)")
-    p.add_argument("--steps", type=int, default=None, help=f"base steps per run (default {Config.steps}; quick 100)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"base steps per run (default {Config.steps}; quick 100)",
+    )
     p.add_argument("--settings", nargs="+", default=None, choices=list(SETTINGS))
     p.add_argument("--no-ablation", action="store_true")
     args = p.parse_args(argv)
@@ -695,8 +829,14 @@ def main(argv: list[str] | None = None) -> dict:
     steps = args.steps or (100 if args.quick else Config.steps)
     curves: list[dict] = []
     t0 = time.perf_counter()
-    result = run(seeds, steps, args.settings, ablation=not args.no_ablation,
-                 progress=not args.no_progress, curves=curves)
+    result = run(
+        seeds,
+        steps,
+        args.settings,
+        ablation=not args.no_ablation,
+        progress=not args.no_progress,
+        curves=curves,
+    )
     return finish(result, args, t0, print_table, plot, curves)
 
 

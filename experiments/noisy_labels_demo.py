@@ -138,9 +138,7 @@ class MLP(nnx.Module):
     """ReLU MLP classifier ``in → hidden… → out``."""
 
     def __init__(self, sizes: tuple[int, ...], *, rngs: nnx.Rngs):
-        self.layers = nnx.List(
-            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])]
-        )
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for layer in self.layers[:-1]:
@@ -344,7 +342,9 @@ def run(
     x_te, y_te = jnp.asarray(ds.x[te]), jnp.asarray(ds.y[te])
 
     if cfg.steps < cfg.meta_interval:
-        raise ValueError(f"steps ({cfg.steps}) must be at least meta_interval ({cfg.meta_interval})")
+        raise ValueError(
+            f"steps ({cfg.steps}) must be at least meta_interval ({cfg.meta_interval})"
+        )
     n_steps = (cfg.steps // cfg.meta_interval) * cfg.meta_interval  # whole chunks
     idx = _batch_indices(len(tr), n_steps, cfg.batch_size, seed + 1)
     losses, theta0, lam0 = make_losses(cfg, ds.x.shape[1], ds.num_classes, seed)
@@ -368,7 +368,13 @@ def run(
 
     t_plain = time.perf_counter()
     (theta_plain, _), plain_log = _train(
-        "plain", plain_chunk, (theta0, base_tx.init(theta0)), idx, cfg.meta_interval, evaluate, progress
+        "plain",
+        plain_chunk,
+        (theta0, base_tx.init(theta0)),
+        idx,
+        cfg.meta_interval,
+        evaluate,
+        progress,
     )
     acc_plain = evaluate(theta_plain)
     t_plain = time.perf_counter() - t_plain
@@ -378,7 +384,11 @@ def run(
     kw = {"adapt_from": cfg.adapt_from} if cfg.method == "sama" else {}
     method = method_fn(cfg.alpha, base_step=cfg.base_step, **kw)
     step = bj.bilevel_step(
-        losses.base, losses.meta, base_tx, optax.adam(cfg.meta_lr), method,
+        losses.base,
+        losses.meta,
+        base_tx,
+        optax.adam(cfg.meta_lr),
+        method,
         base_step_along_v=cfg.base_step,
     )
     k, n_chunks = cfg.meta_interval, n_steps // cfg.meta_interval
@@ -475,7 +485,10 @@ def plot(runs: list[dict], path: str) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for k, r in enumerate(runs):
-        for key, color, label in [("curve_plain", "tab:red", "plain"), ("curve_sama", "tab:blue", "SAMA")]:
+        for key, color, label in [
+            ("curve_plain", "tab:red", "plain"),
+            ("curve_sama", "tab:blue", "SAMA"),
+        ]:
             steps, acc = zip(*r[key])
             ax1.plot(steps, acc, color=color, alpha=0.8, label=label if k == 0 else None)
     ax1.set(xlabel="base step", ylabel="clean test accuracy", title="40% symmetric noise, MNIST-5k")
@@ -486,7 +499,11 @@ def plot(runs: list[dict], path: str) -> None:
     weights = np.array([w for _, w in last["mwn_curve"]])
     for j, loss in enumerate(last["mwn_probe_losses"]):
         ax2.plot(steps, weights[:, j], label=f"loss {loss}")
-    ax2.set(xlabel="base step", ylabel="MWN weight", title=f"learned weight of a given loss (seed {last['seed']})")
+    ax2.set(
+        xlabel="base step",
+        ylabel="MWN weight",
+        title=f"learned weight of a given loss (seed {last['seed']})",
+    )
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
     fig.tight_layout()
@@ -531,7 +548,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\nsummary over seeds {seeds} (clean test accuracy of the final models):")
         print("  seed   plain    SAMA     gap")
         for r in runs:
-            print(f"  {r['seed']:>4}   {r['plain']:.4f}   {r['sama']:.4f}   {r['sama'] - r['plain']:+.4f}")
+            print(
+                f"  {r['seed']:>4}   {r['plain']:.4f}   {r['sama']:.4f}   {r['sama'] - r['plain']:+.4f}"
+            )
         print(
             f"  mean   {plain.mean():.4f}   {sama.mean():.4f}   {sama.mean() - plain.mean():+.4f}"
             f"   (std plain {plain.std():.4f}, SAMA {sama.std():.4f})"

@@ -141,7 +141,9 @@ def el2n_scores(logits: jax.Array, y: jax.Array) -> jax.Array:
 def margin_scores(logits: jax.Array, y: jax.Array) -> jax.Array:
     """Negative margin ``−(logits_{i,y} − max_{c≠y} logits_{i,c})`` (high = hard)."""
     true = jnp.take_along_axis(logits, y[:, None], 1)[:, 0]
-    other = jnp.max(jnp.where(jax.nn.one_hot(y, logits.shape[-1], dtype=bool), -jnp.inf, logits), -1)
+    other = jnp.max(
+        jnp.where(jax.nn.one_hot(y, logits.shape[-1], dtype=bool), -jnp.inf, logits), -1
+    )
     return -(true - other)
 
 
@@ -191,16 +193,24 @@ class Study:
         self.tx = optax.adam(cfg.lr)
         self.train_seg = nl.plain_segment(self.losses.plain, self.tx)
         self.step = bj.bilevel_step(
-            self.losses.base, self.losses.meta, self.tx, optax.adam(cfg.meta_lr),
-            bj.sama(cfg.alpha, adapt_from="last"), stateful=True,
+            self.losses.base,
+            self.losses.meta,
+            self.tx,
+            optax.adam(cfg.meta_lr),
+            bj.sama(cfg.alpha, adapt_from="last"),
+            stateful=True,
         )
         self.search_seg = nl.bilevel_segment(self.step)
         self.logits = jax.jit(self.losses.logits)
         self.weights = jax.jit(self.losses.example_weights)
-        self.accuracy = jax.jit(lambda th, x, y: jnp.mean(jnp.argmax(self.losses.logits(th, x), -1) == y))
+        self.accuracy = jax.jit(
+            lambda th, x, y: jnp.mean(jnp.argmax(self.losses.logits(th, x), -1) == y)
+        )
 
         def loss_i(theta, x, y):
-            return optax.softmax_cross_entropy_with_integer_labels(self.losses.logits(theta, x[None]), y[None])[0]
+            return optax.softmax_cross_entropy_with_integer_labels(
+                self.losses.logits(theta, x[None]), y[None]
+            )[0]
 
         self.grand = jax.jit(lambda th, x, y: grand_scores(loss_i, th, x, y))
 
@@ -212,7 +222,7 @@ class Study:
         theta, s = theta0, self.tx.init(theta0)
         per = len(idx) // chunks
         for c in range(chunks):
-            theta, s, _ = self.train_seg(theta, s, idx[c * per:(c + 1) * per], x, y)
+            theta, s, _ = self.train_seg(theta, s, idx[c * per : (c + 1) * per], x, y)
             if on_chunk is not None:
                 on_chunk(theta)
         return jax.block_until_ready(theta)
@@ -233,14 +243,24 @@ class Study:
         if method == "forgetting":
             idx = demo._batch_indices(n, cfg.search_epochs * ep, cfg.batch_size, seed + 2)
             hist = []
-            self.train(theta0, idx, x, y, chunks=cfg.search_epochs,
-                       on_chunk=lambda th: hist.append(np.asarray(jnp.argmax(self.logits(th, x), -1) == y)))
+            self.train(
+                theta0,
+                idx,
+                x,
+                y,
+                chunks=cfg.search_epochs,
+                on_chunk=lambda th: hist.append(
+                    np.asarray(jnp.argmax(self.logits(th, x), -1) == y)
+                ),
+            )
             return forgetting_scores(np.stack(hist))
         if method == "sama":
             k = cfg.meta_interval
             ep_meta = ep // k
             steps = cfg.search_epochs * ep_meta * k
-            idx = demo._batch_indices(n, steps, cfg.batch_size, seed + 2).reshape(-1, k, cfg.batch_size)
+            idx = demo._batch_indices(n, steps, cfg.batch_size, seed + 2).reshape(
+                -1, k, cfg.batch_size
+            )
             meta_idx = demo._batch_indices(n, len(idx), cfg.batch_size, seed + 3)
             state = self.step.init(theta0, wnet0, model_state=theta0)
             acc = np.zeros(n)
@@ -248,7 +268,9 @@ class Study:
                 sl = slice(e * ep_meta, (e + 1) * ep_meta)
                 state, _ = self.search_seg(state, idx[sl], x, y, x, y, meta_idx[sl])
                 if e >= cfg.search_epochs - cfg.score_epochs:
-                    acc += np.asarray(self.weights(state.base_params, state.meta_params, state.model_state, x, y))
+                    acc += np.asarray(
+                        self.weights(state.base_params, state.meta_params, state.model_state, x, y)
+                    )
             self.last_state = state
             return acc / cfg.score_epochs
         raise ValueError(f"unknown method {method!r}")
@@ -260,8 +282,13 @@ def _timed(fn, *args):
     return out, time.perf_counter() - t0
 
 
-def run(seeds: list[int], config: Config | None = None, ratios=RATIOS, methods=METHODS,
-        progress: bool = True) -> dict:
+def run(
+    seeds: list[int],
+    config: Config | None = None,
+    ratios=RATIOS,
+    methods=METHODS,
+    progress: bool = True,
+) -> dict:
     """Search, prune and retrain for every seed; return the result dict (module docstring)."""
     from tqdm.auto import tqdm
 
@@ -272,18 +299,27 @@ def run(seeds: list[int], config: Config | None = None, ratios=RATIOS, methods=M
     study = Study(cfg)
     acc = {r: {m: [] for m in methods} for r in ratios}
     full_acc, full_t, search_t = [], [], {m: [] for m in methods}
-    diag: dict[str, list] = {"sama_weight_range": [], "score_spearman_vs_el2n": {m: [] for m in methods}}
+    diag: dict[str, list] = {
+        "sama_weight_range": [],
+        "score_spearman_vs_el2n": {m: [] for m in methods},
+    }
     curve_records = []
     t_start = time.perf_counter()
-    bar = tqdm(total=len(seeds) * (1 + len(methods) * (1 + len(ratios))), disable=not progress,
-               file=sys.stdout, mininterval=1.0)
+    bar = tqdm(
+        total=len(seeds) * (1 + len(methods) * (1 + len(ratios))),
+        disable=not progress,
+        file=sys.stdout,
+        mininterval=1.0,
+    )
     for si, seed in enumerate(seeds):
         tr = data_lib.stratified_split(ds.y, {"test": cfg.test_per_class}, seed)
         x, y = jnp.asarray(ds.x[tr["train"]]), jnp.asarray(ds.y[tr["train"]])
         x_te, y_te = jnp.asarray(ds.x[tr["test"]]), jnp.asarray(ds.y[tr["test"]])
         n = len(y)
         theta0 = nl.init_params("mlp", nl.Config(), seed)[0]
-        wnet0 = nnx.to_pure_dict(nnx.split(LossUncertaintyWeightNet(cfg.mwn_hidden, rngs=nnx.Rngs(seed + 10_000)))[1])
+        wnet0 = nnx.to_pure_dict(
+            nnx.split(LossUncertaintyWeightNet(cfg.mwn_hidden, rngs=nnx.Rngs(seed + 10_000)))[1]
+        )
 
         def retrain(kept):
             idx = kept[demo._batch_indices(len(kept), cfg.train_steps, cfg.batch_size, seed + 1)]
@@ -306,8 +342,9 @@ def run(seeds: list[int], config: Config | None = None, ratios=RATIOS, methods=M
             bar.update(1)
             if not np.all(np.isfinite(scores[m])):
                 raise FloatingPointError(f"{m} produced non-finite scores (seed {seed})")
-        diag["sama_weight_range"].append([float(scores["sama"].min()), float(scores["sama"].max())]
-                                         if "sama" in scores else None)
+        diag["sama_weight_range"].append(
+            [float(scores["sama"].min()), float(scores["sama"].max())] if "sama" in scores else None
+        )
         if "el2n" in scores:
             r_el2n = np.argsort(np.argsort(scores["el2n"]))
             for m in methods:
@@ -322,31 +359,45 @@ def run(seeds: list[int], config: Config | None = None, ratios=RATIOS, methods=M
         if si == 0 and "sama" in scores:
             # weight vs loss of the final search state, for the plot
             st = study.last_state
-            feats = np.asarray(study.losses.features(study.logits(st.base_params, x),
-                                                     study.logits(st.model_state, x), y))
+            feats = np.asarray(
+                study.losses.features(
+                    study.logits(st.base_params, x), study.logits(st.model_state, x), y
+                )
+            )
             sub = np.random.default_rng(0).choice(n, size=min(600, n), replace=False)
             diag["sama_final_weight_vs_features"] = {
                 "loss": [round(float(v), 4) for v in feats[sub, 0]],
                 "uncertainty": [round(float(v), 4) for v in feats[sub, 1]],
                 "score": [round(float(v), 4) for v in scores["sama"][sub]],
             }
-        curve_records.append({"seed": seed, "full": full_acc[-1],
-                              **{f"ratio_{r}/{m}": acc[r][m][-1] for r in ratios for m in methods}})
+        curve_records.append(
+            {
+                "seed": seed,
+                "full": full_acc[-1],
+                **{f"ratio_{r}/{m}": acc[r][m][-1] for r in ratios for m in methods},
+            }
+        )
     bar.close()
     t_full = float(np.median(full_t))
     result: dict[str, Any] = {}
     for r in ratios:
         result[f"ratio_{r}"] = {
-            m: {**nl.summarize(acc[r][m], seeds),
+            m: {
+                **nl.summarize(acc[r][m], seeds),
                 "search_time_ratio": float(np.median(search_t[m])) / t_full,
-                "kept": n - int(round(r * n))}
+                "kept": n - int(round(r * n)),
+            }
             for m in methods
         }
     result["full"] = {**nl.summarize(full_acc, seeds), "train_s_median": t_full, "kept": n}
     result["search_time_ratio"] = {m: float(np.median(search_t[m])) / t_full for m in methods}
     result["diagnostics"] = diag
-    result["config"] = {**dataclasses.asdict(cfg), "seeds": list(seeds), "ratios": list(ratios),
-                        "methods": list(methods)}
+    result["config"] = {
+        **dataclasses.asdict(cfg),
+        "seeds": list(seeds),
+        "ratios": list(ratios),
+        "methods": list(methods),
+    }
     result["data"] = dict(ds.source)
     result["provenance"] = prov
     result["per_seed_records"] = curve_records
@@ -364,12 +415,20 @@ def plot(result: dict, path: str) -> None:
     ratios, methods = result["config"]["ratios"], result["config"]["methods"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
     for m in methods:
-        ax1.errorbar(ratios, [result[f"ratio_{r}"][m]["mean"] for r in ratios],
-                     yerr=[result[f"ratio_{r}"][m]["std"] for r in ratios], marker="o", capsize=3,
-                     label=f"{m} (search {result['search_time_ratio'][m]:.2f}× train)")
+        ax1.errorbar(
+            ratios,
+            [result[f"ratio_{r}"][m]["mean"] for r in ratios],
+            yerr=[result[f"ratio_{r}"][m]["std"] for r in ratios],
+            marker="o",
+            capsize=3,
+            label=f"{m} (search {result['search_time_ratio'][m]:.2f}× train)",
+        )
     ax1.axhline(result["full"]["mean"], color="k", ls=":", label="no pruning")
-    ax1.set(xlabel="prune ratio (fraction removed)", ylabel="clean test accuracy",
-            title="MNIST-5k train (4,000): retrain from scratch on kept data")
+    ax1.set(
+        xlabel="prune ratio (fraction removed)",
+        ylabel="clean test accuracy",
+        title="MNIST-5k train (4,000): retrain from scratch on kept data",
+    )
     ax1.legend(fontsize=7)
     ax1.grid(alpha=0.3)
     wf = result["diagnostics"].get("sama_final_weight_vs_features")
@@ -377,8 +436,11 @@ def plot(result: dict, path: str) -> None:
         sc = ax2.scatter(wf["loss"], wf["score"], c=wf["uncertainty"], s=6, cmap="viridis")
         fig.colorbar(sc, ax=ax2, label="uncertainty |p − p_EMA|₁ (final)")
         ax2.set_xscale("log")
-        ax2.set(xlabel="per-example loss (final search model)", ylabel="SAMA score (avg MWN weight)",
-                title=f"SAMA pruning scores, seed {result['config']['seeds'][0]}")
+        ax2.set(
+            xlabel="per-example loss (final search model)",
+            ylabel="SAMA score (avg MWN weight)",
+            title=f"SAMA pruning scores, seed {result['config']['seeds'][0]}",
+        )
         ax2.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -387,12 +449,18 @@ def plot(result: dict, path: str) -> None:
 
 def print_table(result: dict) -> None:
     ratios, methods = result["config"]["ratios"], result["config"]["methods"]
-    print(f"\ntest accuracy, mean ± std over seeds {result['config']['seeds']} "
-          f"(no pruning {result['full']['mean']:.3f} ± {result['full']['std']:.3f})")
-    print(f"{'method':<12}" + "".join(f"{'ratio ' + str(r):>16}" for r in ratios) + "  search/train")
+    print(
+        f"\ntest accuracy, mean ± std over seeds {result['config']['seeds']} "
+        f"(no pruning {result['full']['mean']:.3f} ± {result['full']['std']:.3f})"
+    )
+    print(
+        f"{'method':<12}" + "".join(f"{'ratio ' + str(r):>16}" for r in ratios) + "  search/train"
+    )
     for m in methods:
-        cells = "".join(f"{result[f'ratio_{r}'][m]['mean']:>9.3f}±{result[f'ratio_{r}'][m]['std']:.3f}"
-                        for r in ratios)
+        cells = "".join(
+            f"{result[f'ratio_{r}'][m]['mean']:>9.3f}±{result[f'ratio_{r}'][m]['std']:.3f}"
+            for r in ratios
+        )
         print(f"{m:<12}{cells}  {result['search_time_ratio'][m]:.2f}")
 
 
@@ -401,7 +469,9 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     cfg = Config()
     if args.quick:
-        cfg = dataclasses.replace(cfg, train_steps=200, search_epochs=2, score_epochs=1, proxy_epochs=1)
+        cfg = dataclasses.replace(
+            cfg, train_steps=200, search_epochs=2, score_epochs=1, proxy_epochs=1
+        )
     t0 = time.perf_counter()
     result = run(seeds, cfg, progress=not args.no_progress)
     return nl.finish(result, args, t0, print_table, plot, result["per_seed_records"])

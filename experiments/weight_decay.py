@@ -62,8 +62,8 @@ import optax
 from jax import lax
 
 import bilevel_jax as bj
-from experiments._io import save_results
 from experiments import data as data_lib
+from experiments._io import save_results
 
 __all__ = [
     "Config",
@@ -377,7 +377,9 @@ def run_experiment(cfg: Config = Config(), methods: tuple[str, ...] = METHODS) -
         )
     if "sama" in out:
         for name in methods:
-            out[name]["step_ms_ratio_vs_sama"] = out[name]["step_ms_median"] / out["sama"]["step_ms_median"]
+            out[name]["step_ms_ratio_vs_sama"] = (
+                out[name]["step_ms_median"] / out["sama"]["step_ms_median"]
+            )
     if "exact" in methods:
         cos = _hypergrad_cosines(cfg, {k: all_methods[k] for k in methods}, batches)
         for name in methods:
@@ -437,15 +439,30 @@ def write_png(result: dict[str, Any], path: str) -> None:
     for i, m in enumerate(methods):
         r = result[m]
         ls = "-" if i < 5 else "--"
-        kw = {"color": cmap(i), "ls": ls, "lw": 1.4, "label": f"{LABELS[m]} ({r['final_val_loss']:.4f})"}
+        kw = {
+            "color": cmap(i),
+            "ls": ls,
+            "lw": 1.4,
+            "label": f"{LABELS[m]} ({r['final_val_loss']:.4f})",
+        }
         ax1.plot(np.arange(len(r["val_loss"])), r["val_loss"], **kw)
         ax2.plot(r["wall_s"], r["val_loss"], **kw)
     b = result["baselines"]
     for ax in (ax1, ax2):
-        ax.axhline(b["no_tuning"]["val_loss"], color="k", ls=":", lw=1,
-                   label=f"no tuning, decay {b['no_tuning']['decay']:.0e} ({b['no_tuning']['val_loss']:.4f})")
-        ax.axhline(b["best_shared"]["val_loss"], color="gray", ls="-.", lw=1,
-                   label=f"best shared decay {b['best_shared']['decay']:.1e} ({b['best_shared']['val_loss']:.4f})")
+        ax.axhline(
+            b["no_tuning"]["val_loss"],
+            color="k",
+            ls=":",
+            lw=1,
+            label=f"no tuning, decay {b['no_tuning']['decay']:.0e} ({b['no_tuning']['val_loss']:.4f})",
+        )
+        ax.axhline(
+            b["best_shared"]["val_loss"],
+            color="gray",
+            ls="-.",
+            lw=1,
+            label=f"best shared decay {b['best_shared']['decay']:.1e} ({b['best_shared']['val_loss']:.4f})",
+        )
         ax.grid(alpha=0.3)
         ax.set_ylabel("validation BCE")
     ax1.set_xlabel("meta step")

@@ -46,15 +46,33 @@ def main() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             yield np.random.default_rng(t).choice(N, (K, BATCH))
 
-    step = bj.bilevel_step(base_loss, meta_loss, optax.adam(1e-2), optax.adam(1e-1),
-                           bj.sama(adapt_from="last"), use_rng=False)
+    step = bj.bilevel_step(
+        base_loss,
+        meta_loss,
+        optax.adam(1e-2),
+        optax.adam(1e-1),
+        bj.sama(adapt_from="last"),
+        use_rng=False,
+    )
     state = step.init({"w": jnp.full((F,), 0.1)}, jnp.zeros(N))
     with Checkpointer(directory, max_to_keep=2) as ckpt:
-        state, _ = bj.fit(step, state, base_batches, itertools.repeat((xm, ym)),
-                          num_meta_steps=META_STEPS, checkpointer=ckpt, checkpoint_every=5,
-                          resume=True, progress=False)
-    np.savez(out, w=np.asarray(state.base_params["w"]), lam=np.asarray(state.meta_params),
-             meta_step=int(state.meta_step))
+        state, _ = bj.fit(
+            step,
+            state,
+            base_batches,
+            itertools.repeat((xm, ym)),
+            num_meta_steps=META_STEPS,
+            checkpointer=ckpt,
+            checkpoint_every=5,
+            resume=True,
+            progress=False,
+        )
+    np.savez(
+        out,
+        w=np.asarray(state.base_params["w"]),
+        lam=np.asarray(state.meta_params),
+        meta_step=int(state.meta_step),
+    )
     print("DONE", flush=True)
 
 

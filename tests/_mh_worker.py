@@ -27,12 +27,11 @@ else:
     jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_enable_x64", True)
 
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from _dp_problem import base_loss, meta_loss  # noqa: E402
 
 import bilevel_jax as bj  # noqa: E402
-from _dp_problem import base_loss, meta_loss  # noqa: E402
 from bilevel_jax.parallel import collective_report, data_parallel  # noqa: E402
 
 STEPS, K, B, F, NM = 4, 3, 32, 5, 16
@@ -46,10 +45,17 @@ def main():
     mx, my = rng.randn(STEPS, NM, F), rng.randn(STEPS, NM)
     rows, mrows = dist.process_rows(B), dist.process_rows(NM)
 
-    step = bj.bilevel_step(base_loss, meta_loss, optax.adam(1e-2), optax.adam(1e-2),
-                           bj.sama(0.1, adapt_from="last", base_step=True), base_step_along_v=True)
-    state = dist.replicate(step.init({"w": rng.randn(F) * 0.3},
-                                     {"a": np.zeros(F), "c": np.full(F, 0.01)}), mesh)
+    step = bj.bilevel_step(
+        base_loss,
+        meta_loss,
+        optax.adam(1e-2),
+        optax.adam(1e-2),
+        bj.sama(0.1, adapt_from="last", base_step=True),
+        base_step_along_v=True,
+    )
+    state = dist.replicate(
+        step.init({"w": rng.randn(F) * 0.3}, {"a": np.zeros(F), "c": np.full(F, 0.01)}), mesh
+    )
     dp = jax.jit(data_parallel(step, mesh))
     metrics = []
     for t in range(STEPS):
@@ -60,15 +66,20 @@ def main():
         state, m = dp(state, base, meta)
         metrics.append({k: float(v) for k, v in dist.to_host(m).items()})
     host = dist.to_host((state.base_params, state.meta_params))
-    print(json.dumps({
-        "process": jax.process_index(),
-        "processes": jax.process_count(),
-        "theta": host[0]["w"].tolist(),
-        "lam": {k: v.tolist() for k, v in host[1].items()},
-        "metrics": metrics,
-        "all_reduces_in_base_step": report["base_step_allreduces"],
-        "all_reduces_in_meta_step": report["meta_step_allreduces"],
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "process": jax.process_index(),
+                "processes": jax.process_count(),
+                "theta": host[0]["w"].tolist(),
+                "lam": {k: v.tolist() for k, v in host[1].items()},
+                "metrics": metrics,
+                "all_reduces_in_base_step": report["base_step_allreduces"],
+                "all_reduces_in_meta_step": report["meta_step_allreduces"],
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -9,3 +9,8 @@ def x64():
     """Run the test body with 64-bit floats enabled."""
     with jax.enable_x64(True):
         yield
+
+
+# Helper modules (subprocess workers, shared problems) are not test modules; keep
+# --doctest-modules from importing them (a worker configures devices at import).
+collect_ignore_glob = ["_*.py"]

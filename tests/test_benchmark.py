@@ -12,8 +12,19 @@ from experiments import benchmark as bm
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "bench.json"
-    bm.main(["--models", "mlp_256", "--timed", "2", "--timed-e2e", "1", "--no-progress",
-             "--json", str(path)])
+    bm.main(
+        [
+            "--models",
+            "mlp_256",
+            "--timed",
+            "2",
+            "--timed-e2e",
+            "1",
+            "--no-progress",
+            "--json",
+            str(path),
+        ]
+    )
     assert path.with_suffix(".png").stat().st_size > 0
     return json.loads(path.read_text())
 
@@ -26,11 +37,21 @@ def test_json_has_every_model_method_and_key_with_finite_values(result):
             value = r[method][key]
             assert isinstance(value, (int, float)) and math.isfinite(value), (method, key, value)
             assert value > 0, (method, key, value)
-    for key in ("mem_ratio_vs_plain", "time_ratio_vs_plain", "flop_ratio_vs_plain", "train_throughput_ratio"):
+    for key in (
+        "mem_ratio_vs_plain",
+        "time_ratio_vs_plain",
+        "flop_ratio_vs_plain",
+        "train_throughput_ratio",
+    ):
         assert r["plain"][key] == 1.0
     assert r["_model"]["n_params"] == 784 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
-    assert set(result["_goals"]["mlp_256"]) >= {"mem_vs_plain", "time_vs_flop_scaled_plain",
-                                                "throughput_vs_plain", "mem_vs_neumann", "mem_vs_cg"}
+    assert set(result["_goals"]["mlp_256"]) >= {
+        "mem_vs_plain",
+        "time_vs_flop_scaled_plain",
+        "throughput_vs_plain",
+        "mem_vs_neumann",
+        "mem_vs_cg",
+    }
 
 
 def test_plain_step_flops_match_the_matmul_count(result):
@@ -38,7 +59,9 @@ def test_plain_step_flops_match_the_matmul_count(result):
     gradient with respect to the data, which is not needed."""
     b, dims = bm.BATCH, (784, 256, 256, 10)
     layers = list(zip(dims[:-1], dims[1:]))
-    expected = sum((4 if i == 0 else 6) * b * n_in * n_out for i, (n_in, n_out) in enumerate(layers))
+    expected = sum(
+        (4 if i == 0 else 6) * b * n_in * n_out for i, (n_in, n_out) in enumerate(layers)
+    )
     assert result["mlp_256"]["plain"]["flops"] == pytest.approx(expected, rel=0.03)
 
 
@@ -63,8 +86,11 @@ def test_compiled_memory_and_flops_are_deterministic_across_compilations():
 
 def test_memory_slope_is_a_least_squares_fit():
     fake = {
-        f"mlp_{i}": {"_model": {"n_params": n, "batch": bm.BATCH}, "plain": {"temp_bytes": 4 * n + 100},
-                     "sama": {"temp_bytes": 8 * n + 50}}
+        f"mlp_{i}": {
+            "_model": {"n_params": n, "batch": bm.BATCH},
+            "plain": {"temp_bytes": 4 * n + 100},
+            "sama": {"temp_bytes": 8 * n + 50},
+        }
         for i, n in enumerate((1000, 5000, 20000))
     }
     s = bm.memory_slopes(fake, tuple(fake))

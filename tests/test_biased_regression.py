@@ -12,12 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from _run_module import run_module
 
 import bilevel_jax as bj
 from experiments import biased_regression as br
-
 
 
 @pytest.fixture
@@ -66,13 +64,27 @@ def test_result_structure(result):
     cfg = result["config"]
     steps = cfg["meta_steps"]
     assert steps == 100 and cfg["seed"] == 0
-    assert set(br.METHODS) == {"sama", "sama_na", "darts", "neumann", "cg", "exact", "itd", "soba", "dds"}
+    assert set(br.METHODS) == {
+        "sama",
+        "sama_na",
+        "darts",
+        "neumann",
+        "cg",
+        "exact",
+        "itd",
+        "soba",
+        "dds",
+    }
     assert set(cfg["methods"]) == set(br.METHODS)
     for key in br.METHODS:
         r = result[key]
         for field in ("cos_mean", "cos_min", "dist_ratio", "time_ratio_vs_sama", "temp_bytes"):
             assert np.isfinite(r[field]), (key, field, r[field])
-        assert r["time_ratio_vs_sama"] > 0 and r["temp_bytes"] >= 0 and isinstance(r["temp_bytes"], int)
+        assert (
+            r["time_ratio_vs_sama"] > 0
+            and r["temp_bytes"] >= 0
+            and isinstance(r["temp_bytes"], int)
+        )
         assert len(r["cos"]) == steps and len(r["dist"]) == steps + 1
         assert r["cos_min"] == pytest.approx(min(r["cos"]))
         assert r["cos_mean"] == pytest.approx(np.mean(r["cos"]))

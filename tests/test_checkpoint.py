@@ -18,8 +18,8 @@ import pytest
 
 from bilevel_jax.checkpoint import (
     CheckpointCorruptError,
-    CheckpointFallbackWarning,
     Checkpointer,
+    CheckpointFallbackWarning,
     CheckpointStructureError,
 )
 
@@ -53,7 +53,11 @@ def _state(seed: int) -> TrainState:
 
 def _template() -> TrainState:
     def zero(x):
-        return jax.random.key(0) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else jnp.zeros_like(x)
+        return (
+            jax.random.key(0)
+            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+            else jnp.zeros_like(x)
+        )
 
     return jax.tree.map(zero, _state(0))
 
@@ -87,7 +91,12 @@ def _data_files(step_dir: Path) -> list[Path]:
 def test_round_trip_bit_identical(tmp_path):
     ckpt = Checkpointer(tmp_path / "ckpt")
     state = _state(3)
-    extra = {"data_position": 1234, "rng_seed": 0, "note": "x", "nested": {"lr": 1e-3, "ids": [1, 2]}}
+    extra = {
+        "data_position": 1234,
+        "rng_seed": 0,
+        "note": "x",
+        "nested": {"lr": 1e-3, "ids": [1, 2]},
+    }
     ckpt.save(7, state, extra=extra)
     assert ckpt.all_steps() == [7] and ckpt.latest_step() == 7
 
@@ -127,7 +136,9 @@ def test_save_is_committed_by_atomic_rename(tmp_path, monkeypatch):
 def test_stale_temporary_directory_is_ignored_and_removed(tmp_path):
     ckpt = _fill(tmp_path, steps=(10, 20))
     root = tmp_path / "ckpt"
-    shutil.copytree(root / "20", root / "30.orbax-checkpoint-tmp")  # a save killed before its rename
+    shutil.copytree(
+        root / "20", root / "30.orbax-checkpoint-tmp"
+    )  # a save killed before its rename
     assert ckpt.all_steps() == [10, 20]
     ckpt2 = Checkpointer(root)  # what a resumed run does: restore 20, train, save 30 again
     assert ckpt2.all_steps() == [10, 20]
@@ -153,7 +164,9 @@ quiet_orbax = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExcepti
 
 
 @quiet_orbax
-@pytest.mark.parametrize("damage", ["truncate_data", "flip_data_bit", "delete_metadata", "garble_metadata"])
+@pytest.mark.parametrize(
+    "damage", ["truncate_data", "flip_data_bit", "delete_metadata", "garble_metadata"]
+)
 def test_corrupt_latest_falls_back(tmp_path, damage):
     ckpt = _fill(tmp_path)
     latest = tmp_path / "ckpt" / "30"
@@ -220,7 +233,9 @@ def test_structure_mismatch_names_the_leaf(tmp_path):
     ckpt = _fill(tmp_path, steps=(1,))
     t = _template()
     bad_dtype = t._replace(step=jnp.float32(0))
-    with pytest.raises(CheckpointStructureError, match=r"\.step: template float32\[\], checkpoint int32\[\]"):
+    with pytest.raises(
+        CheckpointStructureError, match=r"\.step: template float32\[\], checkpoint int32\[\]"
+    ):
         ckpt.restore(bad_dtype)
     bad_shape = t._replace(params={**t.params, "emb": jnp.zeros((16, 9), jnp.bfloat16)})
     with pytest.raises(CheckpointStructureError, match=r"\['emb'\].*\[16, 9\].*\[16, 8\]"):
@@ -258,7 +273,10 @@ def _run_worker(directory: Path, out: Path, **env_extra) -> subprocess.Completed
     env.update({k: str(v) for k, v in env_extra.items()})
     return subprocess.run(
         [sys.executable, str(WORKER), str(directory), str(out)],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

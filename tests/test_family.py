@@ -130,7 +130,9 @@ def test_itd_equals_autodiff_through_unrolled_adam(x64):
     def unrolled(lam):
         th, s = theta0, problem.base_tx.init(theta0)
         for _ in range(4):
-            upd, s = problem.base_tx.update(jax.grad(problem.base_loss)(th, lam, inputs.base_batch), s, th)
+            upd, s = problem.base_tx.update(
+                jax.grad(problem.base_loss)(th, lam, inputs.base_batch), s, th
+            )
             th = optax.apply_updates(th, upd)
         return _meta_loss(th, lam, inputs.meta_batch)
 
@@ -165,7 +167,9 @@ def test_itd_stacked_batches(x64):
         _hg(bj.itd(4, stacked=True), problem, inputs._replace(base_batch=stacked))
 
 
-@pytest.mark.parametrize("kw, match", [({"unroll": 0}, "unroll"), ({"unroll": 3, "truncate": 4}, "truncate")])
+@pytest.mark.parametrize(
+    "kw, match", [({"unroll": 0}, "unroll"), ({"unroll": 3, "truncate": 4}, "truncate")]
+)
 def test_itd_bad_options(kw, match):
     with pytest.raises(ValueError, match=match):
         bj.hypergrad.Unrolled(**kw)
@@ -178,13 +182,17 @@ def test_dds_equals_autodiff_through_one_optax_step(x64, tx):
     problem, inputs, _ = _setup("biased", tx)
     theta = inputs.base_params + 0.1
     state = tx.init(theta)
-    upd, state = tx.update(jax.grad(problem.base_loss)(theta, inputs.meta_params, inputs.base_batch), state, theta)
+    upd, state = tx.update(
+        jax.grad(problem.base_loss)(theta, inputs.meta_params, inputs.base_batch), state, theta
+    )
     theta = optax.apply_updates(theta, upd)  # a non-initial optimizer state
     inputs = inputs._replace(base_params=theta, base_opt_state=state)
 
     def one_step(lam):
         g = jax.grad(problem.base_loss)(theta, lam, inputs.base_batch)
-        return _meta_loss(optax.apply_updates(theta, tx.update(g, state, theta)[0]), lam, inputs.meta_batch)
+        return _meta_loss(
+            optax.apply_updates(theta, tx.update(g, state, theta)[0]), lam, inputs.meta_batch
+        )
 
     got, _ = _hg(bj.dds(), problem, inputs)
     np.testing.assert_allclose(got, jax.grad(one_step)(inputs.meta_params), rtol=1e-10)
@@ -266,16 +274,22 @@ def test_every_method_works_through_meta_grad_in_an_optax_chain(name):
     problem, inputs, _ = _setup("ridge")
     method = ALL_METHODS[name]()
     meta_tx = optax.chain(
-        bj.meta_grad(problem.base_loss, _meta_loss, problem.base_tx, method, base_params=inputs.base_params),
+        bj.meta_grad(
+            problem.base_loss, _meta_loss, problem.base_tx, method, base_params=inputs.base_params
+        ),
         optax.sgd(1.0),
     )
     lam = inputs.meta_params
     ms = meta_tx.init(lam)
     kwargs = dict(
-        base_params=inputs.base_params, base_opt_state=inputs.base_opt_state,
-        base_batch=inputs.base_batch, meta_batch=inputs.meta_batch,
+        base_params=inputs.base_params,
+        base_opt_state=inputs.base_opt_state,
+        base_batch=inputs.base_batch,
+        meta_batch=inputs.meta_batch,
     )
-    upd, ms = jax.jit(lambda u, s, p: meta_tx.update(u, s, p, **kwargs))(jnp.zeros_like(lam), ms, lam)
+    upd, ms = jax.jit(lambda u, s, p: meta_tx.update(u, s, p, **kwargs))(
+        jnp.zeros_like(lam), ms, lam
+    )
     ref, _ = _hg(method, problem, inputs)
     np.testing.assert_allclose(-upd, ref, rtol=1e-5, atol=1e-7)
     assert int(ms[0].nonfinite_count) == 0

@@ -40,8 +40,9 @@ def meta_loss(theta, lam, batch):
     return optax.softmax_cross_entropy_with_integer_labels(x @ theta["w"] + theta["b"], y).mean()
 
 
-STEP = bj.bilevel_step(base_loss, meta_loss, optax.adam(1e-2), optax.adam(1e-1),
-                       bj.sama(adapt_from="last"))
+STEP = bj.bilevel_step(
+    base_loss, meta_loss, optax.adam(1e-2), optax.adam(1e-1), bj.sama(adapt_from="last")
+)
 META = (X[:16], Y[:16])
 
 
@@ -93,8 +94,17 @@ def test_fit_equals_manual_steps_and_logs_one_line_per_step(tmp_path):
         evals.append(int(state.meta_step))
         return {"meta": meta_loss(state.base_params, None, META)}
 
-    state, hist = bj.fit(STEP, fresh_state(), base_fn, itertools.repeat(META), num_meta_steps=7,
-                         eval_fn=eval_fn, eval_every=3, log_path=log, progress=False)
+    state, hist = bj.fit(
+        STEP,
+        fresh_state(),
+        base_fn,
+        itertools.repeat(META),
+        num_meta_steps=7,
+        eval_fn=eval_fn,
+        eval_every=3,
+        log_path=log,
+        progress=False,
+    )
     ref, ref_metrics = manual(7)
     assert_trees_equal(state, ref)  # bit-identical on CPU
     assert int(state.meta_step) == 7 and int(state.step) == 7 * K
@@ -113,12 +123,20 @@ def test_fit_equals_manual_steps_and_logs_one_line_per_step(tmp_path):
 
 def test_fit_with_plain_iterators_without_donation_or_jit():
     state0 = fresh_state()
-    state, hist = bj.fit(STEP, state0, (batches_at(t) for t in range(3)), [META] * 3,
-                         num_meta_steps=3, donate=False, progress=False)
+    state, hist = bj.fit(
+        STEP,
+        state0,
+        (batches_at(t) for t in range(3)),
+        [META] * 3,
+        num_meta_steps=3,
+        donate=False,
+        progress=False,
+    )
     assert_trees_equal(state, manual(3)[0])
     assert_trees_equal(state0, fresh_state())  # not donated: still readable, unchanged
-    state, hist = bj.fit(STEP, fresh_state(), [batches_at(0)], [META], num_meta_steps=1,
-                         jit=False, progress=False)
+    state, hist = bj.fit(
+        STEP, fresh_state(), [batches_at(0)], [META], num_meta_steps=1, jit=False, progress=False
+    )
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(manual(1)[0])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)  # eager vs jit may round apart
     assert len(hist) == 1
@@ -126,19 +144,39 @@ def test_fit_with_plain_iterators_without_donation_or_jit():
 
 def test_data_running_out_warns_and_stops():
     with pytest.warns(UserWarning, match="ran out after 2 of 5"):
-        state, hist = bj.fit(STEP, fresh_state(), [batches_at(0), batches_at(1)],
-                             itertools.repeat(META), num_meta_steps=5, progress=False)
+        state, hist = bj.fit(
+            STEP,
+            fresh_state(),
+            [batches_at(0), batches_at(1)],
+            itertools.repeat(META),
+            num_meta_steps=5,
+            progress=False,
+        )
     assert int(state.meta_step) == 2 and len(hist) == 2
-    state, hist = bj.fit(STEP, fresh_state(), [batches_at(0)], itertools.repeat(META),
-                         num_meta_steps=None, progress=False)
+    state, hist = bj.fit(
+        STEP,
+        fresh_state(),
+        [batches_at(0)],
+        itertools.repeat(META),
+        num_meta_steps=None,
+        progress=False,
+    )
     assert int(state.meta_step) == 1
 
 
 def test_max_skips_stops_with_clear_error(tmp_path):
     log = tmp_path / "m.jsonl"
     with pytest.raises(bj.TooManySkipsError, match="base steps") as e:
-        bj.fit(STEP, fresh_state(), lambda s: base_fn(s, nan_from=3), itertools.repeat(META),
-               num_meta_steps=50, max_skips=3, log_path=log, progress=False)
+        bj.fit(
+            STEP,
+            fresh_state(),
+            lambda s: base_fn(s, nan_from=3),
+            itertools.repeat(META),
+            num_meta_steps=50,
+            max_skips=3,
+            log_path=log,
+            progress=False,
+        )
     state = e.value.state
     assert int(state.skipped_base) > 3
     assert int(state.meta_step) < 50  # stopped early (at most sync_lag steps after the limit)
@@ -147,8 +185,14 @@ def test_max_skips_stops_with_clear_error(tmp_path):
     assert len(lines) == int(state.meta_step) == len(e.value.history)
     assert [r["base_skipped"] for r in lines[:3]] == [0, 0, 0] and lines[3]["base_skipped"] == K
     # without a limit the same run completes, θ frozen at its last finite value
-    state, _ = bj.fit(STEP, fresh_state(), lambda s: base_fn(s, nan_from=3),
-                      itertools.repeat(META), num_meta_steps=6, progress=False)
+    state, _ = bj.fit(
+        STEP,
+        fresh_state(),
+        lambda s: base_fn(s, nan_from=3),
+        itertools.repeat(META),
+        num_meta_steps=6,
+        progress=False,
+    )
     assert int(state.skipped_base) == 3 * K
     ref, _ = manual(3)
     assert_trees_equal(state.base_params, ref.base_params)
@@ -176,8 +220,15 @@ def test_interrupt_in_eval_fn_checkpoints_and_resume_matches(tmp_path):
     assert extra["data_position"] == 6 and int(saved.meta_step) == 6
     assert [r["meta_step"] for r in read_log(log)] == [1, 2, 3, 4, 5, 6]
 
-    state, hist = bj.fit(STEP, fresh_state(), base_fn, itertools.repeat(META),
-                         eval_fn=_Interrupt(-1), resume=True, **kw)
+    state, hist = bj.fit(
+        STEP,
+        fresh_state(),
+        base_fn,
+        itertools.repeat(META),
+        eval_fn=_Interrupt(-1),
+        resume=True,
+        **kw,
+    )
     assert [r["meta_step"] for r in hist] == [7, 8, 9, 10]
     assert_trees_equal(state, manual(10)[0])
     assert [r["meta_step"] for r in read_log(log)] == list(range(1, 11))
@@ -194,11 +245,26 @@ def test_interrupt_from_plain_iterator_and_resume_with_recreated_iterator(tmp_pa
             yield batches_at(t)
 
     with pytest.raises(KeyboardInterrupt):
-        bj.fit(STEP, fresh_state(), stream(interrupt_at=4), itertools.repeat(META),
-               num_meta_steps=9, checkpointer=ckpt, progress=False)
+        bj.fit(
+            STEP,
+            fresh_state(),
+            stream(interrupt_at=4),
+            itertools.repeat(META),
+            num_meta_steps=9,
+            checkpointer=ckpt,
+            progress=False,
+        )
     assert ckpt.latest_step() == 4
-    state, hist = bj.fit(STEP, fresh_state(), stream(), itertools.repeat(META), num_meta_steps=9,
-                         checkpointer=ckpt, resume=True, progress=False)
+    state, hist = bj.fit(
+        STEP,
+        fresh_state(),
+        stream(),
+        itertools.repeat(META),
+        num_meta_steps=9,
+        checkpointer=ckpt,
+        resume=True,
+        progress=False,
+    )
     assert len(hist) == 5
     assert_trees_equal(state, manual(9)[0])
 
@@ -212,8 +278,9 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
                 raise RuntimeError("node died")  # not an interrupt: no checkpoint on the way out
             yield batches_at(t)
 
-    kw = dict(num_meta_steps=12, checkpoint_every=3, checkpointer=ckpt, log_path=log,
-              progress=False)
+    kw = dict(
+        num_meta_steps=12, checkpoint_every=3, checkpointer=ckpt, log_path=log, progress=False
+    )
     with pytest.raises(RuntimeError, match="node died"):
         bj.fit(STEP, fresh_state(), crashing, itertools.repeat(META), **kw)
     assert ckpt.all_steps() == [3, 6]
@@ -228,14 +295,27 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
 
 def test_fresh_run_refuses_a_directory_with_checkpoints(tmp_path):
     ckpt = Checkpointer(tmp_path / "ckpt")
-    bj.fit(STEP, fresh_state(), base_fn, itertools.repeat(META), num_meta_steps=2,
-           checkpointer=ckpt, progress=False)
+    bj.fit(
+        STEP,
+        fresh_state(),
+        base_fn,
+        itertools.repeat(META),
+        num_meta_steps=2,
+        checkpointer=ckpt,
+        progress=False,
+    )
     with pytest.raises(ValueError, match="resume=True"):
-        bj.fit(STEP, fresh_state(), base_fn, itertools.repeat(META), num_meta_steps=2,
-               checkpointer=ckpt, progress=False)
+        bj.fit(
+            STEP,
+            fresh_state(),
+            base_fn,
+            itertools.repeat(META),
+            num_meta_steps=2,
+            checkpointer=ckpt,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="needs a checkpointer"):
-        bj.fit(STEP, fresh_state(), base_fn, itertools.repeat(META), num_meta_steps=2,
-               resume=True)
+        bj.fit(STEP, fresh_state(), base_fn, itertools.repeat(META), num_meta_steps=2, resume=True)
 
 
 def test_tensorboard_is_optional(tmp_path):
@@ -246,19 +326,40 @@ def test_tensorboard_is_optional(tmp_path):
             import torch.utils.tensorboard  # noqa: F401
         except ImportError:
             with pytest.warns(UserWarning, match="tensorboard"):
-                bj.fit(STEP, fresh_state(), base_fn, itertools.repeat(META), num_meta_steps=2,
-                       tensorboard_dir=tmp_path / "tb", progress=False)
+                bj.fit(
+                    STEP,
+                    fresh_state(),
+                    base_fn,
+                    itertools.repeat(META),
+                    num_meta_steps=2,
+                    tensorboard_dir=tmp_path / "tb",
+                    progress=False,
+                )
             return
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        bj.fit(STEP, fresh_state(), base_fn, itertools.repeat(META), num_meta_steps=2,
-               tensorboard_dir=tmp_path / "tb", progress=False)
+        bj.fit(
+            STEP,
+            fresh_state(),
+            base_fn,
+            itertools.repeat(META),
+            num_meta_steps=2,
+            tensorboard_dir=tmp_path / "tb",
+            progress=False,
+        )
     assert any((tmp_path / "tb").iterdir())
 
 
 def test_progress_bar_runs(capsys):
-    bj.fit(STEP, fresh_state(), base_fn, itertools.repeat(META), num_meta_steps=3,
-           progress=True, desc="sama")
+    bj.fit(
+        STEP,
+        fresh_state(),
+        base_fn,
+        itertools.repeat(META),
+        num_meta_steps=3,
+        progress=True,
+        desc="sama",
+    )
     assert "sama" in capsys.readouterr().err
 
 
@@ -297,8 +398,13 @@ def test_sigkill_during_fit_then_resume_is_bit_identical(tmp_path):
         env.pop("FIT_KILL_AT", None)
         if kill_at is not None:
             env["FIT_KILL_AT"] = str(kill_at)
-        return subprocess.run([sys.executable, str(worker), str(directory), str(out)],
-                              env=env, capture_output=True, text=True, timeout=180)
+        return subprocess.run(
+            [sys.executable, str(worker), str(directory), str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
 
     ref = run(tmp_path / "ref", tmp_path / "ref.npz")
     assert ref.returncode == 0, ref.stderr[-3000:]

@@ -26,8 +26,10 @@ FD_RTOL = 1e-6  # central finite differences, h = 1e-5
 def _data():
     rng = np.random.default_rng(0)
     return (
-        jnp.asarray(rng.normal(size=(30, P))), jnp.asarray(rng.normal(size=30)),
-        jnp.asarray(rng.normal(size=(20, P))), jnp.asarray(rng.normal(size=20)),
+        jnp.asarray(rng.normal(size=(30, P))),
+        jnp.asarray(rng.normal(size=30)),
+        jnp.asarray(rng.normal(size=(20, P))),
+        jnp.asarray(rng.normal(size=20)),
     )
 
 
@@ -129,7 +131,8 @@ def test_under_jit_and_vmap(x64):
     # a batch of per-coordinate λ vectors, and the forward solution itself
     lam_vecs = jnp.stack([jnp.linspace(0.2, 1.5, P), jnp.full(P, 0.4)])
     np.testing.assert_allclose(
-        jax.jit(jax.vmap(grad))(lam_vecs), jnp.stack([jax.jit(grad)(l) for l in lam_vecs]),
+        jax.jit(jax.vmap(grad))(lam_vecs),
+        jnp.stack([jax.jit(grad)(l) for l in lam_vecs]),
         rtol=1e-10,
     )
     ridge = _ridge("cg")
@@ -176,9 +179,7 @@ def test_several_positional_args_are_differentiated(x64):
     A = X.T @ X + lam * jnp.eye(P)
     th = jnp.linalg.solve(A, X.T @ y)
     np.testing.assert_allclose(g_lam, _closed_grad(lam, X, y, Xv, yv), rtol=RTOL)
-    np.testing.assert_allclose(
-        g_y, X @ jnp.linalg.solve(A, 2 * Xv.T @ (Xv @ th - yv)), rtol=RTOL
-    )
+    np.testing.assert_allclose(g_y, X @ jnp.linalg.solve(A, 2 * Xv.T @ (Xv @ th - yv)), rtol=RTOL)
 
 
 def test_keyword_argument_is_differentiated(x64):
@@ -235,8 +236,14 @@ def test_non_differentiable_arguments(x64):
 
 
 @pytest.mark.parametrize(
-    "solve,kw", [("gmres", {}), ("bicgstab", {}), ("dense", {}), ("cg", {}),
-                 ("neumann", {"eta": 1.0, "maxiter": 200})]
+    "solve,kw",
+    [
+        ("gmres", {}),
+        ("bicgstab", {}),
+        ("dense", {}),
+        ("cg", {}),
+        ("neumann", {"eta": 1.0, "maxiter": 200}),
+    ],
 )
 def test_fixed_point_tanh_closed_form(x64, solve, kw):
     """θ = λ·tanh(θ) + c elementwise (|λ| < 1): dθ/dλ = tanh θ / (1 − λ sech²θ)."""
@@ -341,8 +348,9 @@ def test_while_loop_solver_becomes_differentiable(x64):
     decorated = custom_root(jax.grad(inner_loss), solve="cg", solver_kwargs={"tol": 1e-13})(solver)
     val = lambda l: jnp.sum((Xv @ decorated(jnp.zeros(P), l, X, y) - yv) ** 2)  # noqa: E731
     np.testing.assert_allclose(jax.grad(val)(lam), _closed_grad(lam, X, y, Xv, yv), rtol=RTOL)
-    np.testing.assert_allclose(jax.jit(jax.grad(val))(lam), _closed_grad(lam, X, y, Xv, yv),
-                               rtol=RTOL)
+    np.testing.assert_allclose(
+        jax.jit(jax.grad(val))(lam), _closed_grad(lam, X, y, Xv, yv), rtol=RTOL
+    )
 
 
 def test_unknown_solver_name_lists_choices():

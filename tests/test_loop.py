@@ -31,7 +31,10 @@ def meta_loss(th, lam, batch):
 
 
 def _init(dtype=jnp.float32):
-    return {"w": jnp.full((F,), 0.1, dtype)}, {"a": jnp.zeros(B, dtype), "c": jnp.full(F, 0.01, dtype)}
+    return {"w": jnp.full((F,), 0.1, dtype)}, {
+        "a": jnp.zeros(B, dtype),
+        "c": jnp.full(F, 0.01, dtype),
+    }
 
 
 def _leaves_equal(a, b):
@@ -43,7 +46,11 @@ def _leaves_equal(a, b):
 
 @pytest.mark.parametrize(
     "method, along_v",
-    [(bj.sama(adapt_from="last"), False), (bj.sama(base_step=True), True), (bj.neumann(3, 0.1), False)],
+    [
+        (bj.sama(adapt_from="last"), False),
+        (bj.sama(base_step=True), True),
+        (bj.neumann(3, 0.1), False),
+    ],
     ids=["sama_last", "sama_base_step", "neumann"],
 )
 def test_jitted_step_equals_a_python_loop(x64, method, along_v):
@@ -72,7 +79,9 @@ def test_jitted_step_equals_a_python_loop(x64, method, along_v):
         if along_v:
             th = optax.apply_updates(th, hg.base_update)
 
-    for a, b in zip(jax.tree.leaves((state.base_params, state.meta_params)), jax.tree.leaves((th, lam))):
+    for a, b in zip(
+        jax.tree.leaves((state.base_params, state.meta_params)), jax.tree.leaves((th, lam))
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
     assert int(state.step) == 3 * K and int(state.meta_step) == 3
     assert int(state.skipped_base) == 0 and int(state.skipped_meta) == 0
@@ -156,7 +165,9 @@ def test_model_state_is_threaded_through_successful_base_steps_only():
     def stateful_meta(th, lam, batch, count):
         return meta_loss(th, lam, batch)
 
-    step = bj.bilevel_step(stateful_base, stateful_meta, optax.adam(1e-2), optax.adam(1e-1), stateful=True)
+    step = bj.bilevel_step(
+        stateful_base, stateful_meta, optax.adam(1e-2), optax.adam(1e-1), stateful=True
+    )
     state = step.init(*_init(), model_state=jnp.zeros([], jnp.int32))
     bad = xs[0].at[2, 0, 0].set(jnp.nan)
     new, _ = jax.jit(step)(state, (bad, ys[0]), meta)
@@ -188,7 +199,9 @@ def test_rng_keys_are_fresh_per_step_and_deterministic():
 
 def test_base_step_along_v_requires_a_base_update():
     xs, ys, meta = _data()
-    step = bj.bilevel_step(base_loss, meta_loss, optax.sgd(0.1), optax.sgd(0.1), bj.cg(3), base_step_along_v=True)
+    step = bj.bilevel_step(
+        base_loss, meta_loss, optax.sgd(0.1), optax.sgd(0.1), bj.cg(3), base_step_along_v=True
+    )
     with pytest.raises(ValueError, match="base_step_along_v=True needs"):
         step(step.init(*_init()), (xs[0], ys[0]), meta)
 
@@ -225,7 +238,9 @@ def test_state_with_another_dtype_names_the_leaf():
     xs, ys, meta = _data()
     step = bj.bilevel_step(base_loss, meta_loss, optax.adam(1e-2), optax.adam(1e-1))
     state = step.init(*_init())
-    bf16_state = optax.adam(1e-2).init(jax.tree.map(lambda x: x.astype(jnp.bfloat16), state.base_params))
+    bf16_state = optax.adam(1e-2).init(
+        jax.tree.map(lambda x: x.astype(jnp.bfloat16), state.base_params)
+    )
     with pytest.raises(bj.BilevelInputError, match=r"mu\b.*dtype bfloat16.*float32"):
         jax.jit(step)(state._replace(base_opt_state=bf16_state), (xs[0], ys[0]), meta)
 
@@ -234,15 +249,18 @@ def test_batch_the_loss_cannot_take_is_reported_at_trace_time():
     xs, ys, meta = _data()
     step = bj.bilevel_step(base_loss, meta_loss, optax.adam(1e-2), optax.adam(1e-1))
     wrong = (jnp.ones((K, B, F + 2)), ys[0])  # features do not match θ
-    with pytest.raises(bj.BilevelInputError, match=r"calling base_loss\(base_params, meta_params, batch\) failed"):
+    with pytest.raises(
+        bj.BilevelInputError, match=r"calling base_loss\(base_params, meta_params, batch\) failed"
+    ):
         jax.jit(step)(step.init(*_init()), wrong, meta)
 
 
 def test_a_skipped_last_base_step_skips_a_last_adapted_meta_step_too():
     """adapt_from="last" takes the last base step's gradient: non-finite there -> no meta step."""
     xs, ys, meta = _data()
-    step = bj.bilevel_step(base_loss, meta_loss, optax.adam(1e-2), optax.adam(1e-1),
-                           bj.sama(0.1, adapt_from="last"))
+    step = bj.bilevel_step(
+        base_loss, meta_loss, optax.adam(1e-2), optax.adam(1e-1), bj.sama(0.1, adapt_from="last")
+    )
     state = step.init(*_init())
     bad = xs[0].at[-1, 0, 0].set(jnp.nan)  # only the last of the K base batches
     new, m = jax.jit(step)(state, (bad, ys[0]), meta)

@@ -70,13 +70,27 @@ def problem():
 
     theta, s = warm_up(theta, base_tx.init(theta))
     batches = (x_tr[idx[50:]], y_tr[idx[50:]])  # K = 1
-    return dict(losses=losses, theta=theta, lam=lam, s=s, base_tx=base_tx, batches=batches,
-                meta=meta, last=(batches[0][0], batches[1][0]))
+    return dict(
+        losses=losses,
+        theta=theta,
+        lam=lam,
+        s=s,
+        base_tx=base_tx,
+        batches=batches,
+        meta=meta,
+        last=(batches[0][0], batches[1][0]),
+    )
 
 
 def run_step(p, compute_dtype, alpha=ALPHA):
-    step = bj.bilevel_step(p["losses"].base, p["losses"].meta, p["base_tx"], CAPTURE,
-                           bj.sama(alpha, adapt_from="last"), compute_dtype=compute_dtype)
+    step = bj.bilevel_step(
+        p["losses"].base,
+        p["losses"].meta,
+        p["base_tx"],
+        CAPTURE,
+        bj.sama(alpha, adapt_from="last"),
+        compute_dtype=compute_dtype,
+    )
     state = step.init(p["theta"], p["lam"])._replace(base_opt_state=p["s"])
     return jax.jit(step)(state, p["batches"], p["meta"])
 
@@ -119,10 +133,19 @@ def test_diagnosis_the_bf16_lambda_gradient_breaks_the_central_difference(proble
 
     def hypergrad(wrap):
         base, meta = wrap(p["losses"].base), wrap(p["losses"].meta)
-        return jax.jit(lambda: bj.sama_hypergrad(
-            base, meta, base_params=p["theta"], meta_params=p["lam"], base_tx=p["base_tx"],
-            base_opt_state=p["s"], base_batch=p["last"], meta_batch=p["meta"], alpha=ALPHA,
-        ))().meta_grad
+        return jax.jit(
+            lambda: bj.sama_hypergrad(
+                base,
+                meta,
+                base_params=p["theta"],
+                meta_params=p["lam"],
+                base_tx=p["base_tx"],
+                base_opt_state=p["s"],
+                base_batch=p["last"],
+                meta_batch=p["meta"],
+                alpha=ALPHA,
+            )
+        )().meta_grad
 
     ref = hypergrad(lambda f: f)
     # θ ± εv rounded to bf16 (the loss sees the perturbed f32 params cast): direction kept
@@ -131,8 +154,10 @@ def test_diagnosis_the_bf16_lambda_gradient_breaks_the_central_difference(proble
     grad_rounded = hypergrad(lambda f: lambda th, lm, b: f(th, _bf16_round(lm), b))
     c_theta, c_grad = cosine(ref, theta_rounded), cosine(ref, grad_rounded)
     scale = float(optax.tree.norm(theta_rounded) / optax.tree.norm(ref))
-    print(f"cos with θ±εv rounded: {c_theta:.4f} (|h| ×{scale:.2f}); "
-          f"cos with ∇_λ rounded: {c_grad:.4f}")
+    print(
+        f"cos with θ±εv rounded: {c_theta:.4f} (|h| ×{scale:.2f}); "
+        f"cos with ∇_λ rounded: {c_grad:.4f}"
+    )
     assert c_theta >= 0.99
     assert not c_grad >= 0.9  # NaN (h exactly 0) or a small cosine
 
@@ -144,8 +169,9 @@ def test_bf16_base_steps_with_a_float32_meta_step_match(problem, stepped):
 
     def base_bf16(theta, lam, batch):
         x, y = batch
-        return losses.base(jax.tree.map(lambda t: t.astype(jnp.bfloat16), theta), lam,
-                           (x.astype(jnp.bfloat16), y)).astype(jnp.float32)
+        return losses.base(
+            jax.tree.map(lambda t: t.astype(jnp.bfloat16), theta), lam, (x.astype(jnp.bfloat16), y)
+        ).astype(jnp.float32)
 
     # a hand-written loop: K bf16 base steps, then the f32 SAMA hypergradient
     @jax.jit
@@ -153,10 +179,18 @@ def test_bf16_base_steps_with_a_float32_meta_step_match(problem, stepped):
         g = jax.grad(base_bf16)(theta, p["lam"], p["last"])
         u, s_new = p["base_tx"].update(g, s, theta)
         return bj.sama_hypergrad(
-            losses.base, losses.meta, base_params=optax.apply_updates(theta, u),
-            meta_params=p["lam"], base_tx=p["base_tx"], base_opt_state=s_new,
-            base_batch=p["last"], meta_batch=p["meta"], alpha=ALPHA, adapt_from="last",
-            last_grad=g, last_opt_state=s,
+            losses.base,
+            losses.meta,
+            base_params=optax.apply_updates(theta, u),
+            meta_params=p["lam"],
+            base_tx=p["base_tx"],
+            base_opt_state=s_new,
+            base_batch=p["last"],
+            meta_batch=p["meta"],
+            alpha=ALPHA,
+            adapt_from="last",
+            last_grad=g,
+            last_opt_state=s,
         )
 
     hg = step(p["theta"], p["s"])

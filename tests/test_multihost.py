@@ -32,8 +32,9 @@ def runs():
     env = dict(os.environ, **ENV)
     env.pop("XLA_FLAGS", None)
     multi = [_last_json(o) for o in dist.launch_local([WORKER, "multi"], 2, timeout_s=240, env=ENV)]
-    single = subprocess.run([sys.executable, WORKER, "single"], env=env, capture_output=True,
-                            text=True, timeout=240)
+    single = subprocess.run(
+        [sys.executable, WORKER, "single"], env=env, capture_output=True, text=True, timeout=240
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     return multi, _last_json(single.stdout)
 
@@ -79,18 +80,24 @@ def test_a_peer_that_never_arrives_fails_with_a_clear_error_within_the_timeout()
 
 def test_the_launcher_kills_a_run_that_exceeds_its_time_limit():
     t0 = time.monotonic()
-    with pytest.raises(dist.DistributedLaunchError, match=r"did not finish within 2 s; processes \[0, 1\]"):
+    with pytest.raises(
+        dist.DistributedLaunchError, match=r"did not finish within 2 s; processes \[0, 1\]"
+    ):
         dist.launch_local(["-c", "import time; time.sleep(60)"], 2, timeout_s=2)
     assert time.monotonic() - t0 < 20
 
 
 def test_the_launcher_names_a_failing_process_and_stops_the_others():
-    code = ("import os, sys, time\n"
-            "if os.environ['BILEVEL_JAX_PROCESS_ID'] == '1':\n"
-            "    sys.exit('bad shard')\n"
-            "time.sleep(60)\n")
+    code = (
+        "import os, sys, time\n"
+        "if os.environ['BILEVEL_JAX_PROCESS_ID'] == '1':\n"
+        "    sys.exit('bad shard')\n"
+        "time.sleep(60)\n"
+    )
     t0 = time.monotonic()
-    with pytest.raises(dist.DistributedLaunchError, match=r"process 1 of 2 exited with status 1(.|\n)*bad shard"):
+    with pytest.raises(
+        dist.DistributedLaunchError, match=r"process 1 of 2 exited with status 1(.|\n)*bad shard"
+    ):
         dist.launch_local(["-c", code], 2, timeout_s=50)
     assert time.monotonic() - t0 < 20
 
@@ -107,7 +114,10 @@ def test_the_launcher_returns_every_process_output_in_rank_order():
         (dict(coordinator_address="127.0.0.1:1234", num_processes=2), "give all of"),
         (dict(coordinator_address="localhost", num_processes=2, process_id=0), "host:port"),
         (dict(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=2), "process_id <"),
-        (dict(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=0, timeout_s=0), "timeout_s"),
+        (
+            dict(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=0, timeout_s=0),
+            "timeout_s",
+        ),
     ],
 )
 def test_initialize_rejects_bad_arguments_before_touching_jax(kwargs, match, monkeypatch):
@@ -148,7 +158,11 @@ def test_the_multihost_example_runs_on_two_processes(tmp_path):
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.multihost_demo", "--steps", "20", "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "parameters identical on every process: True" in proc.stdout

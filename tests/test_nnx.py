@@ -52,7 +52,10 @@ def data(seed=0, k=K):
     r = np.random.default_rng(seed)
     xs = jnp.asarray(r.normal(size=(k, B, D)), jnp.float32)
     ys = jnp.asarray(r.integers(0, C, (k, B)), jnp.int32)
-    meta = (jnp.asarray(r.normal(size=(B, D)), jnp.float32), jnp.asarray(r.integers(0, C, B), jnp.int32))
+    meta = (
+        jnp.asarray(r.normal(size=(B, D)), jnp.float32),
+        jnp.asarray(r.integers(0, C, B), jnp.int32),
+    )
     return (xs, ys), meta
 
 
@@ -82,10 +85,18 @@ def nnx_meta(theta, lam, batch, rest):
 
 # ---- the same model written by hand on plain dicts ----------------------------------------------
 def to_pure(theta, lam):
-    t = {"w1": theta["l1"]["kernel"], "b1": theta["l1"]["bias"],
-         "w2": theta["l2"]["kernel"], "b2": theta["l2"]["bias"]}
-    m = {"w1": lam["fc1"]["kernel"], "b1": lam["fc1"]["bias"],
-         "w2": lam["fc2"]["kernel"], "b2": lam["fc2"]["bias"]}
+    t = {
+        "w1": theta["l1"]["kernel"],
+        "b1": theta["l1"]["bias"],
+        "w2": theta["l2"]["kernel"],
+        "b2": theta["l2"]["bias"],
+    }
+    m = {
+        "w1": lam["fc1"]["kernel"],
+        "b1": lam["fc1"]["bias"],
+        "w2": lam["fc2"]["kernel"],
+        "b2": lam["fc2"]["bias"],
+    }
     return jax.tree.map(jnp.array, (t, m))
 
 
@@ -125,8 +136,10 @@ def test_helpers_split_merge_round_trip():
 
 
 def test_import_does_not_need_flax():
-    code = ("import sys, bilevel_jax as bj; assert 'flax' not in sys.modules, 'flax imported'; "
-            "assert bj.nnx_utils")
+    code = (
+        "import sys, bilevel_jax as bj; assert 'flax' not in sys.modules, 'flax imported'; "
+        "assert bj.nnx_utils"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -143,12 +156,21 @@ def test_nnx_meta_gradient_equals_pure_pytree_mlp():
     s_p = base_tx.init(theta_p)
     _, s_p = base_tx.update(jax.grad(pure_base)(theta_p, lam_p, batch), s_p, theta_p)
     kw = dict(base_tx=base_tx, base_batch=batch, meta_batch=meta, alpha=0.5)
-    hg_nnx = jax.jit(lambda th, lm, st: bj.sama_hypergrad(
-        lambda t, l, b: nnx_base(t, l, b, rest0)[0], lambda t, l, b: nnx_meta(t, l, b, rest0),
-        base_params=th, meta_params=lm, base_opt_state=st, **kw))(theta_nnx, lam_nnx, s)
-    hg_pure = jax.jit(lambda th, lm, st: bj.sama_hypergrad(
-        pure_base, pure_meta, base_params=th, meta_params=lm, base_opt_state=st, **kw
-    ))(theta_p, lam_p, s_p)
+    hg_nnx = jax.jit(
+        lambda th, lm, st: bj.sama_hypergrad(
+            lambda t, l, b: nnx_base(t, l, b, rest0)[0],
+            lambda t, l, b: nnx_meta(t, l, b, rest0),
+            base_params=th,
+            meta_params=lm,
+            base_opt_state=st,
+            **kw,
+        )
+    )(theta_nnx, lam_nnx, s)
+    hg_pure = jax.jit(
+        lambda th, lm, st: bj.sama_hypergrad(
+            pure_base, pure_meta, base_params=th, meta_params=lm, base_opt_state=st, **kw
+        )
+    )(theta_p, lam_p, s_p)
     assert float(optax.tree.norm(hg_pure.meta_grad)) > 0
     close(to_pure(theta_nnx, hg_nnx.meta_grad)[1], hg_pure.meta_grad)
     np.testing.assert_allclose(hg_nnx.meta_loss, hg_pure.meta_loss, rtol=1e-6)
@@ -186,14 +208,20 @@ def test_batchnorm_stats_and_dropout_rng_are_model_state_not_differentiated():
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
 
     base_tx = optax.adam(1e-2)
-    step = bj.bilevel_step(base_loss, meta_loss, base_tx, optax.adam(1e-2),
-                           bj.sama(adapt_from="last"), stateful=True)
+    step = bj.bilevel_step(
+        base_loss, meta_loss, base_tx, optax.adam(1e-2), bj.sama(adapt_from="last"), stateful=True
+    )
     state = step.init(theta, lam, model_state=rest)
     # θ (what is differentiated and optimized) holds no batch statistics or RNG state
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.base_params)[0]]
+    paths = [
+        jax.tree_util.keystr(p)
+        for p, _ in jax.tree_util.tree_flatten_with_path(state.base_params)[0]
+    ]
     assert not any(w in p for p in paths for w in ("mean", "var", "rngs"))
-    assert all(not any(w in jax.tree_util.keystr(p) for w in ("mean", "var", "rngs"))
-               for p, _ in jax.tree_util.tree_flatten_with_path(state.base_opt_state)[0])
+    assert all(
+        not any(w in jax.tree_util.keystr(p) for w in ("mean", "var", "rngs"))
+        for p, _ in jax.tree_util.tree_flatten_with_path(state.base_opt_state)[0]
+    )
 
     (xs, ys), meta = data(seed=3, k=1)
     jstep = jax.jit(step)
@@ -204,7 +232,9 @@ def test_batchnorm_stats_and_dropout_rng_are_model_state_not_differentiated():
     # the running statistics moved by BatchNorm's own rule (EMA of the batch moments at θ0) ...
     h = xs[0] @ theta["l1"]["kernel"]
     mom = 0.99
-    np.testing.assert_allclose(new.model_state["bn"]["mean"], (1 - mom) * h.mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        new.model_state["bn"]["mean"], (1 - mom) * h.mean(0), rtol=1e-5, atol=1e-7
+    )
     np.testing.assert_allclose(new.model_state["bn"]["var"], mom + (1 - mom) * h.var(0), rtol=1e-5)
     # ... and the dropout stream advanced once (one training-mode call per base step)
     assert int(new.model_state["drop"]["rngs"]["count"]) == int(rest["drop"]["rngs"]["count"]) + 1
@@ -212,7 +242,9 @@ def test_batchnorm_stats_and_dropout_rng_are_model_state_not_differentiated():
     # θ took exactly one Adam step on ∇_θ L_b with the model state held constant
     g = jax.grad(lambda t: base_loss(t, lam, (xs[0], ys[0]), rest)[0])(theta)
     upd, _ = base_tx.update(g, base_tx.init(theta), theta)
-    for a, b in zip(jax.tree.leaves(new.base_params), jax.tree.leaves(optax.apply_updates(theta, upd))):
+    for a, b in zip(
+        jax.tree.leaves(new.base_params), jax.tree.leaves(optax.apply_updates(theta, upd))
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
 
     # differentiating through the step w.r.t. the model state gives nothing: it only feeds
@@ -230,7 +262,9 @@ def test_batchnorm_stats_and_dropout_rng_are_model_state_not_differentiated():
         new, metrics = jstep(new, (xs, ys), meta)
         assert not np.allclose(new.model_state["bn"]["mean"], prev)
     assert int(new.model_state["drop"]["rngs"]["count"]) == 1 + 3 * K
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((new.base_params, new.meta_params)))
+    assert all(
+        bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((new.base_params, new.meta_params))
+    )
 
 
 def test_dropout_masks_differ_between_base_steps():

@@ -18,15 +18,21 @@ from tests._quick import run_quick
 def _corrector_params(seed=0, scale=1.0):
     """Corrector parameters with a random (non-zero) output layer."""
     corr = jax.tree.map(lambda a: a, nl.init_params("mlp", nl.Config(), seed)[2])
-    corr["fc2"]["kernel"] = scale * jax.random.normal(jax.random.key(seed), corr["fc2"]["kernel"].shape)
-    corr["fc2"]["bias"] = scale * jax.random.normal(jax.random.key(seed + 1), corr["fc2"]["bias"].shape)
+    corr["fc2"]["kernel"] = scale * jax.random.normal(
+        jax.random.key(seed), corr["fc2"]["kernel"].shape
+    )
+    corr["fc2"]["bias"] = scale * jax.random.normal(
+        jax.random.key(seed + 1), corr["fc2"]["bias"].shape
+    )
     return corr
 
 
 def _batch(n=16, seed=0):
     rng = np.random.default_rng(seed)
-    return (jnp.asarray(rng.random((n, 784), dtype=np.float32)),
-            jnp.asarray(rng.integers(0, 10, n), jnp.int32))
+    return (
+        jnp.asarray(rng.random((n, 784), dtype=np.float32)),
+        jnp.asarray(rng.integers(0, 10, n), jnp.int32),
+    )
 
 
 @pytest.mark.parametrize("scale", [0.0, 1.0, 30.0])
@@ -57,13 +63,17 @@ def test_correct_loss_with_hard_labels_equals_the_reweighting_loss():
     losses = nl.make_losses("mlp", cfg)
     theta, mwn, corr = nl.init_params("mlp", cfg, 2)
     mwn = jax.tree.map(lambda a: a, mwn)
-    mwn["fc2"]["kernel"] = jax.random.normal(jax.random.key(3), mwn["fc2"]["kernel"].shape)  # non-flat weights
+    mwn["fc2"]["kernel"] = jax.random.normal(
+        jax.random.key(3), mwn["fc2"]["kernel"].shape
+    )  # non-flat weights
     corr = jax.tree.map(lambda a: a, corr)
     corr["prior"] = jnp.float32(200.0)  # softmax(200·onehot) == onehot in float32
     x, y = _batch(seed=3)
     reweight = demo.Losses(losses.model_def, losses.mwn_def, "sum")
     lam = {"mwn": mwn, "corr": corr}
-    np.testing.assert_allclose(losses.base(theta, lam, (x, y)), reweight.base(theta, mwn, (x, y)), rtol=1e-6)
+    np.testing.assert_allclose(
+        losses.base(theta, lam, (x, y)), reweight.base(theta, mwn, (x, y)), rtol=1e-6
+    )
     g1 = jax.grad(losses.base)(theta, lam, (x, y))
     g2 = jax.grad(reweight.base)(theta, mwn, (x, y))
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
@@ -79,10 +89,14 @@ def _reference_cnn(params, x):
     n = x.shape[0]
     h = x.reshape(n, 28, 28, 1)
     k1 = params["conv1"]["kernel"].reshape(4, 4, 1, 16)  # patch features were (row, col)
-    h = jax.lax.conv_general_dilated(h, k1, (4, 4), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = jax.lax.conv_general_dilated(
+        h, k1, (4, 4), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     h = jax.nn.relu(h + params["conv1"]["bias"])
     k2 = params["conv2"]["kernel"].reshape(3, 3, 16, 32)
-    h = jax.lax.conv_general_dilated(h, k2, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = jax.lax.conv_general_dilated(
+        h, k2, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     h = jax.nn.relu(h + params["conv2"]["bias"])
     h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
     return h.reshape(n, -1) @ params["fc"]["kernel"] + params["fc"]["bias"]
@@ -105,7 +119,9 @@ def test_noisy_split(setting):
     splits = data_lib.stratified_split(ds.y, {"meta": 10, "test": 100}, 5)
     y_clean = ds.y[splits["train"]]
     assert len(d["y_tr"]) == 3900 and len(d["y_me"]) == 100 and len(d["y_te"]) == 1000
-    np.testing.assert_array_equal(d["y_me"], ds.y[splits["meta"]])  # the meta and test sets are clean
+    np.testing.assert_array_equal(
+        d["y_me"], ds.y[splits["meta"]]
+    )  # the meta and test sets are clean
     np.testing.assert_array_equal(d["y_te"], ds.y[splits["test"]])
     changed = np.asarray(d["y_tr"]) != y_clean
     np.testing.assert_array_equal(changed, d["flipped"])
@@ -123,7 +139,10 @@ def test_summarize():
 def test_methods_are_the_documented_ones():
     cfg = nl.Config()
     assert nl.make_method("sama", cfg).adapt and not nl.make_method("sama_na", cfg).adapt
-    assert nl.make_method("darts", cfg).alpha == 0.01 and nl.make_method("sama", cfg).alpha == cfg.alpha
+    assert (
+        nl.make_method("darts", cfg).alpha == 0.01
+        and nl.make_method("sama", cfg).alpha == cfg.alpha
+    )
     assert {nl.make_method(m, cfg).name for m in nl.REWEIGHT_METHODS} == set(nl.REWEIGHT_METHODS)
     with pytest.raises(ValueError):
         nl.make_method("plain", cfg)
@@ -136,10 +155,15 @@ def test_quick_mode(tmp_path):
         for m in nl.METHODS:
             cell = r[setting][m]
             assert cell["seeds"] == [0] and len(cell["acc"]) == 1
-            assert 0.0 <= cell["mean"] <= 1.0 and cell["std"] == 0.0 and cell["acc"][0] == cell["mean"]
+            assert (
+                0.0 <= cell["mean"] <= 1.0 and cell["std"] == 0.0 and cell["acc"][0] == cell["mean"]
+            )
             assert math.isfinite(cell["time_ratio_vs_plain"]) and cell["time_ratio_vs_plain"] > 0
             for rec in cell["per_seed"]:
-                assert rec.get("nonfinite_meta_steps", 0) == 0 and rec.get("nonfinite_base_steps", 0) == 0
+                assert (
+                    rec.get("nonfinite_meta_steps", 0) == 0
+                    and rec.get("nonfinite_base_steps", 0) == 0
+                )
         assert r[setting]["plain"]["time_ratio_vs_plain"] == 1.0
         assert r[setting]["plain"]["mean"] > 0.3  # 100 Adam steps learn something
         sc = r[setting]["sama_correct"]["per_seed"][0]

@@ -111,9 +111,23 @@ def test_short_run_cli(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.noisy_labels_demo", "--seed", "1", "--steps", "60",
-         "--json", str(out), "--no-progress"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "experiments.noisy_labels_demo",
+            "--seed",
+            "1",
+            "--steps",
+            "60",
+            "--json",
+            str(out),
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sha256=" in proc.stdout and "difference (SAMA - plain)" in proc.stdout
@@ -129,7 +143,9 @@ def test_short_run_cli(tmp_path):
     assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for _, ws in rec["mwn_curve"] for v in ws)
     assert math.isfinite(rec["mwn_weight_clean"]) and math.isfinite(rec["mwn_weight_flipped"])
     # bj.fit's JSON lines of the SAMA run: one per meta step (60 steps / meta_interval 10)
-    lines = [json.loads(ln) for ln in (tmp_path / "nl.seed1.metrics.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(ln) for ln in (tmp_path / "nl.seed1.metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["meta_step"] for r in lines] == list(range(1, 7))
     assert [r["step"] for r in lines] == list(range(10, 70, 10))
     for r in lines:

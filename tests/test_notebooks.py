@@ -47,7 +47,9 @@ def test_notebooks_stored_without_outputs():
 
 def _kernel_manager(tmp_path):
     kernels = tmp_path / "kernels"
-    write_kernel_spec(path=str(kernels / KERNEL_NAME))  # argv = [sys.executable, -m, ipykernel_launcher, ...]
+    write_kernel_spec(
+        path=str(kernels / KERNEL_NAME)
+    )  # argv = [sys.executable, -m, ipykernel_launcher, ...]
     ksm = KernelSpecManager(kernel_dirs=[str(kernels)])
     spec = ksm.get_kernel_spec(KERNEL_NAME)
     assert spec.argv[0] == sys.executable, spec.argv

@@ -19,8 +19,9 @@ WORKER = pathlib.Path(__file__).resolve().parent / "_dp_worker.py"
 def report():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     env["PYTHONPATH"] = str(WORKER.parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(WORKER)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -66,7 +67,11 @@ def test_comm_report_every_method_needs_one_all_reduce_per_step(tmp_path):
     env.pop("XLA_FLAGS", None)  # the module sets 8 fake devices itself
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.comm_report", "--json", str(path)],
-        cwd=WORKER.parents[1], env=env, capture_output=True, text=True, timeout=300,
+        cwd=WORKER.parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(path.read_text())

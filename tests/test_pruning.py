@@ -57,7 +57,9 @@ def test_grand_against_per_example_grad_loop(chunk):
     got = np.asarray(pr.grand_scores(loss_i, params, x, y, chunk=chunk))
     for i in range(len(y)):
         g = jax.grad(loss_i)(params, x[i], y[i])
-        ref = math.sqrt(sum(float(np.sum(np.asarray(v, np.float64) ** 2)) for v in jax.tree.leaves(g)))
+        ref = math.sqrt(
+            sum(float(np.sum(np.asarray(v, np.float64) ** 2)) for v in jax.tree.leaves(g))
+        )
         assert math.isclose(got[i], ref, rel_tol=1e-4), (i, got[i], ref)
 
 
@@ -67,19 +69,22 @@ def test_grand_of_the_study_uses_the_mlp_loss():
     _, _, x, y, _ = _small_problem(n=4, seed=1)
     got = np.asarray(study.grand(theta, x, y))
     for i in range(4):
-        g = jax.grad(lambda th: study.losses.plain(th, (x[i:i + 1], y[i:i + 1])))(theta)
+        g = jax.grad(lambda th: study.losses.plain(th, (x[i : i + 1], y[i : i + 1])))(theta)
         ref = math.sqrt(sum(float(jnp.sum(v**2)) for v in jax.tree.leaves(g)))
         assert math.isclose(got[i], ref, rel_tol=1e-4)
 
 
 def test_forgetting_counts():
     # rows: checkpoints, columns: examples
-    correct = np.array([
-        [1, 0, 1, 0, 1],
-        [0, 0, 1, 1, 1],
-        [1, 0, 0, 0, 1],
-        [0, 0, 1, 1, 1],
-    ], bool)
+    correct = np.array(
+        [
+            [1, 0, 1, 0, 1],
+            [0, 0, 1, 1, 1],
+            [1, 0, 0, 0, 1],
+            [0, 0, 1, 1, 1],
+        ],
+        bool,
+    )
     # ex0: 1→0, 1→0 = 2; ex1: never learned = 4 (number of checkpoints); ex2: one; ex3: one; ex4: none
     np.testing.assert_array_equal(pr.forgetting_scores(correct), [2, 4, 1, 1, 0])
 
@@ -99,7 +104,9 @@ def _prune_losses():
     cfg = pr.Config()
     study = pr.Study(cfg)
     theta = pr.nl.init_params("mlp", pr.nl.Config(), 0)[0]
-    wnet = nnx.to_pure_dict(nnx.split(pr.LossUncertaintyWeightNet(cfg.mwn_hidden, rngs=nnx.Rngs(3)))[1])
+    wnet = nnx.to_pure_dict(
+        nnx.split(pr.LossUncertaintyWeightNet(cfg.mwn_hidden, rngs=nnx.Rngs(3)))[1]
+    )
     _, _, x, y, _ = _small_problem(n=12, seed=2)
     return study.losses, theta, wnet, x, y
 

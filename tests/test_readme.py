@@ -20,7 +20,9 @@ def test_readme_usage_example_runs():
     theta, lam = {"w": jnp.zeros((5, 3))}, {"logit": jnp.zeros(32)}
     bs, ms = ns["base_tx"].init(theta), ns["meta_tx"].init(lam)
     for _ in range(3):
-        theta, bs, lam, ms = ns["train_step"](theta, bs, lam, ms, (x, y, jnp.arange(32)), (x[:8], y[:8]))
+        theta, bs, lam, ms = ns["train_step"](
+            theta, bs, lam, ms, (x, y, jnp.arange(32)), (x[:8], y[:8])
+        )
     assert int(ms[0].count) == 3 and int(ms[0].nonfinite_count) == 0
     assert float(jnp.max(jnp.abs(lam["logit"]))) > 0  # λ moved
 

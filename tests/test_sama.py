@@ -48,7 +48,9 @@ def _mixed(base_loss, theta, lam, batch, v):
 
 
 def _max_err(a, b):
-    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(
+        float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 def _max_abs(a):
@@ -58,8 +60,15 @@ def _max_abs(a):
 def _run(base_loss, meta_loss, theta, lam, bb, mb, tx, state, **kw):
     return jax.jit(
         lambda th, l: bj.sama_hypergrad(
-            base_loss, meta_loss, base_params=th, meta_params=l, base_tx=tx,
-            base_opt_state=state, base_batch=bb, meta_batch=mb, **kw,
+            base_loss,
+            meta_loss,
+            base_params=th,
+            meta_params=l,
+            base_tx=tx,
+            base_opt_state=state,
+            base_batch=bb,
+            meta_batch=mb,
+            **kw,
         )
     )(theta, lam)
 
@@ -86,9 +95,7 @@ def test_sama_sgd_equals_exact_mixed_derivative_with_alpha_squared_error(x64):
     lr = 0.1
     tx = optax.sgd(lr)
     theta = _problem()[2]
-    errs = _alpha_sweep(
-        tx, tx.init(theta), lambda d, *_: jax.tree.map(lambda x: lr * x, d)
-    )
+    errs = _alpha_sweep(tx, tx.init(theta), lambda d, *_: jax.tree.map(lambda x: lr * x, d))
     _assert_second_order(errs)
 
 
@@ -130,8 +137,9 @@ def test_adaptation_changes_the_direction_under_adam(x64):
     theta, state = _late_adam_state(tx, theta, lam, bb, base_loss)
     a = _run(base_loss, meta_loss, theta, lam, bb, mb, tx, state).meta_grad
     b = _run(base_loss, meta_loss, theta, lam, bb, mb, tx, state, adapt=False).meta_grad
-    fa, fb = jnp.concatenate([x.ravel() for x in jax.tree.leaves(a)]), jnp.concatenate(
-        [x.ravel() for x in jax.tree.leaves(b)]
+    fa, fb = (
+        jnp.concatenate([x.ravel() for x in jax.tree.leaves(a)]),
+        jnp.concatenate([x.ravel() for x in jax.tree.leaves(b)]),
     )
     cos = float(fa @ fb / (jnp.linalg.norm(fa) * jnp.linalg.norm(fb)))
     assert cos < 0.999, cos
@@ -144,8 +152,12 @@ def test_direct_term_is_added(x64):
     state = tx.init(theta)
     with_direct = _run(base_loss, reg, theta, lam, bb, mb, tx, state)
     without = _run(base_loss, reg, theta, lam, bb, mb, tx, state, direct=False)
-    np.testing.assert_allclose(with_direct.meta_grad["l2"] - without.meta_grad["l2"], lam["l2"], rtol=1e-12)
-    np.testing.assert_allclose(with_direct.meta_grad["logit"], without.meta_grad["logit"], rtol=1e-12)
+    np.testing.assert_allclose(
+        with_direct.meta_grad["l2"] - without.meta_grad["l2"], lam["l2"], rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        with_direct.meta_grad["logit"], without.meta_grad["logit"], rtol=1e-12
+    )
 
 
 def test_vmap_and_sequential_differences_agree(x64):
@@ -164,8 +176,17 @@ def test_last_with_the_fresh_gradient_equals_fresh(x64):
     g = jax.grad(base_loss)(theta, lam, bb)
     fresh = _run(base_loss, meta_loss, theta, lam, bb, mb, tx, state, adapt_from="fresh")
     last = _run(
-        base_loss, meta_loss, theta, lam, bb, mb, tx, state,
-        adapt_from="last", last_grad=g, last_opt_state=state,
+        base_loss,
+        meta_loss,
+        theta,
+        lam,
+        bb,
+        mb,
+        tx,
+        state,
+        adapt_from="last",
+        last_grad=g,
+        last_opt_state=state,
     )
     # same numbers, possibly fused in another order by XLA
     assert _max_err(fresh.meta_grad, last.meta_grad) <= 1e-14 * _max_abs(fresh.meta_grad)
@@ -178,8 +199,18 @@ def test_last_uses_the_given_gradient_and_state(x64):
     theta, state = _late_adam_state(tx, theta, lam, bb, base_loss)
     g_old = jax.grad(base_loss)(theta0, lam, bb)
     last = _run(
-        base_loss, meta_loss, theta, lam, bb, mb, tx, state,
-        adapt_from="last", last_grad=g_old, last_opt_state=state0, alpha=1e-4,
+        base_loss,
+        meta_loss,
+        theta,
+        lam,
+        bb,
+        mb,
+        tx,
+        state,
+        adapt_from="last",
+        last_grad=g_old,
+        last_opt_state=state0,
+        alpha=1e-4,
     )
     d = jax.grad(meta_loss)(theta, lam, mb)
     v = exact_adapt(tx, d, grads=g_old, state=state0, params=theta)
@@ -192,8 +223,15 @@ def test_last_without_its_inputs_is_an_error():
     tx = optax.sgd(0.1)
     with pytest.raises(ValueError, match="last_grad and last_opt_state"):
         bj.sama_hypergrad(
-            base_loss, meta_loss, base_params=theta, meta_params=lam, base_tx=tx,
-            base_opt_state=tx.init(theta), base_batch=bb, meta_batch=mb, adapt_from="last",
+            base_loss,
+            meta_loss,
+            base_params=theta,
+            meta_params=lam,
+            base_tx=tx,
+            base_opt_state=tx.init(theta),
+            base_batch=bb,
+            meta_batch=mb,
+            adapt_from="last",
         )
 
 
@@ -204,7 +242,9 @@ def test_base_update_is_minus_eps_v_with_norm_alpha(x64):
     out = _run(base_loss, meta_loss, theta, lam, bb, mb, tx, tx.init(theta), alpha=alpha)
     d = jax.grad(meta_loss)(theta, lam, mb)
     eps = float(out.info["eps"])
-    np.testing.assert_allclose(float(out.info["v_norm"]), lr * float(optax.tree.norm(d)), rtol=1e-12)
+    np.testing.assert_allclose(
+        float(out.info["v_norm"]), lr * float(optax.tree.norm(d)), rtol=1e-12
+    )
     np.testing.assert_allclose(eps, alpha / float(out.info["v_norm"]), rtol=1e-12)
     for u, di in zip(jax.tree.leaves(out.base_update), jax.tree.leaves(d)):
         np.testing.assert_allclose(u, -eps * lr * di, rtol=1e-12)
@@ -240,7 +280,9 @@ def test_method_object_matches_function(x64):
     problem = bj.BilevelProblem(base_loss, meta_loss, tx)
     inputs = bj.BilevelInputs(theta, lam, tx.init(theta), bb, mb)
     method = bj.sama(0.5)
-    out, state = jax.jit(method.hypergrad, static_argnums=0)(problem, inputs, method.init(theta, lam))
+    out, state = jax.jit(method.hypergrad, static_argnums=0)(
+        problem, inputs, method.init(theta, lam)
+    )
     ref = _run(base_loss, meta_loss, theta, lam, bb, mb, tx, tx.init(theta), alpha=0.5)
     assert _max_err(out.meta_grad, ref.meta_grad) == 0.0
     assert out.base_update is None  # base_step defaults to off
@@ -269,8 +311,15 @@ def test_bad_options_are_rejected(kw, match):
     tx = optax.sgd(0.1)
     with pytest.raises(ValueError, match=match):
         bj.sama_hypergrad(
-            base_loss, meta_loss, base_params=theta, meta_params=lam, base_tx=tx,
-            base_opt_state=tx.init(theta), base_batch=bb, meta_batch=mb, **kw,
+            base_loss,
+            meta_loss,
+            base_params=theta,
+            meta_params=lam,
+            base_tx=tx,
+            base_opt_state=tx.init(theta),
+            base_batch=bb,
+            meta_batch=mb,
+            **kw,
         )
 
 
@@ -280,8 +329,14 @@ def test_non_scalar_loss_is_rejected():
     tx = optax.sgd(0.1)
     with pytest.raises(bj.BilevelInputError, match="base_loss must return a scalar"):
         bj.sama_hypergrad(
-            vector_loss, meta_loss, base_params=theta, meta_params=lam, base_tx=tx,
-            base_opt_state=tx.init(theta), base_batch=bb, meta_batch=mb,
+            vector_loss,
+            meta_loss,
+            base_params=theta,
+            meta_params=lam,
+            base_tx=tx,
+            base_opt_state=tx.init(theta),
+            base_batch=bb,
+            meta_batch=mb,
         )
 
 
@@ -292,8 +347,15 @@ def test_state_not_matching_params_is_rejected(adapt):
     wrong = tx.init({"w1": theta["w1"]})
     with pytest.raises(bj.BilevelInputError, match="optimizer state does not match"):
         bj.sama_hypergrad(
-            base_loss, meta_loss, base_params=theta, meta_params=lam, base_tx=tx,
-            base_opt_state=wrong, base_batch=bb, meta_batch=mb, adapt=adapt,
+            base_loss,
+            meta_loss,
+            base_params=theta,
+            meta_params=lam,
+            base_tx=tx,
+            base_opt_state=wrong,
+            base_batch=bb,
+            meta_batch=mb,
+            adapt=adapt,
         )
 
 

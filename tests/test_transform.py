@@ -45,8 +45,14 @@ def test_chain_applies_adam_to_the_sama_hypergradient():
         zeros, ms, lam
     )
     h = bj.sama_hypergrad(
-        base_loss, meta_loss, base_params=theta, meta_params=lam, base_tx=tx,
-        base_opt_state=state, base_batch=bb, meta_batch=mb,
+        base_loss,
+        meta_loss,
+        base_params=theta,
+        meta_params=lam,
+        base_tx=tx,
+        base_opt_state=state,
+        base_batch=bb,
+        meta_batch=mb,
     )
     ref_tx = optax.adam(0.1)
     ref, _ = ref_tx.update(h.meta_grad, ref_tx.init(lam), lam)
@@ -74,7 +80,12 @@ def test_last_adaptation_through_extra_args():
     mg_fresh = bj.meta_grad(base_loss, meta_loss, tx, bj.sama())
     zeros = jax.tree.map(jnp.zeros_like, lam)
     a, _ = mg_last.update(
-        zeros, mg_last.init(lam), lam, last_grad=g, last_opt_state=state, **_kwargs(theta, state, bb, mb)
+        zeros,
+        mg_last.init(lam),
+        lam,
+        last_grad=g,
+        last_opt_state=state,
+        **_kwargs(theta, state, bb, mb),
     )
     b, _ = mg_fresh.update(zeros, mg_fresh.init(lam), lam, **_kwargs(theta, state, bb, mb))
     np.testing.assert_allclose(a["logit"], b["logit"], rtol=1e-6, atol=1e-12)

@@ -11,13 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from _run_module import run_module
 
 import bilevel_jax as bj
 from bilevel_jax.hypergrad.base import mixed_product
 from experiments import weight_decay as wd
-
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +100,9 @@ def test_exact_hypergradient_matches_finite_differences_on_digits(x64):
     """bj.exact at θ*(λ) vs a central difference of λ ↦ L_m(θ*(λ)), θ* by Newton, float64."""
     cfg = wd.Config()
     b = wd.load_task(cfg)["batches"]
-    train, val = (jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), b[k]) for k in ("train", "val"))
+    train, val = (
+        jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), b[k]) for k in ("train", "val")
+    )
     flat0 = jnp.zeros(65)
 
     def unflat(v):

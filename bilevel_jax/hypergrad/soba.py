@@ -17,7 +17,8 @@ refreshed ``z_{t+1}`` (so the first meta step already sees −ρ d). ``z`` conve
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

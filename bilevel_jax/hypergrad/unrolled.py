@@ -105,7 +105,9 @@ class Unrolled:
                 return (optax.apply_updates(theta, upd), s), None
 
             body = jax.checkpoint(step) if remat else step
-            xs = jax.tree.map(lambda x: x[start : start + length], batches) if self.stacked else None
+            xs = (
+                jax.tree.map(lambda x: x[start : start + length], batches) if self.stacked else None
+            )
             return jax.lax.scan(body, carry, xs, length=length)[0]
 
         def unrolled_meta_loss(lam):
