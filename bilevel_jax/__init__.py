@@ -8,6 +8,7 @@ optax optimizer through an analytic adaptation matrix.
 from bilevel_jax import adaptation, distributed, implicit_diff, linalg, nnx_utils, parallel
 from bilevel_jax._checks import BilevelInputError
 from bilevel_jax.adaptation import AdaptationError, UnsupportedTransformError, adapt, describe
+from bilevel_jax.base_step import BaseStepResult, base_step
 from bilevel_jax.fit import fit
 from bilevel_jax.hypergrad import (
     SAMA,
@@ -42,6 +43,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptationError",
+    "BaseStepResult",
     "BilevelInputError",
     "BilevelInputs",
     "BilevelProblem",
@@ -55,6 +57,7 @@ __all__ = [
     "UnsupportedTransformError",
     "adapt",
     "adaptation",
+    "base_step",
     "bilevel_step",
     "check_skips",
     "cg",
