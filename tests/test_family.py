@@ -1,5 +1,7 @@
 """The hypergradient family against closed forms and exact autodiff (float64)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,7 +92,8 @@ def test_exact_and_cg_match_the_closed_form(x64, name, method):
 @pytest.mark.parametrize("solve", ["gmres", "bicgstab"])
 def test_other_krylov_solvers_match(x64, solve):
     problem, inputs, closed = _setup("ridge")
-    method = bj.hypergrad.Implicit(solve, 3 * F, 0.0, 0.0, False, solve)
+    solver = functools.partial(getattr(bj.linalg, f"solve_{solve}"), maxiter=3 * F, damping=0.0)
+    method = bj.hypergrad.Implicit(solver=solver, name=solve)
     got, _ = _hg(method, problem, inputs)
     assert _rel(got, closed) < 1e-8
 
@@ -139,7 +142,7 @@ def test_itd_equals_autodiff_through_unrolled_adam(x64):
     ref = jax.grad(unrolled)(inputs.meta_params)
     got, _ = _hg(bj.itd(4), problem, inputs)
     np.testing.assert_allclose(got, ref, rtol=1e-10)
-    remat, _ = _hg(bj.hypergrad.Unrolled(4, None, False, True), problem, inputs)
+    remat, _ = _hg(bj.hypergrad.Unrolled(unroll=4, remat=True), problem, inputs)
     np.testing.assert_allclose(remat, ref, rtol=1e-10)
 
 

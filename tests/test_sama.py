@@ -285,8 +285,8 @@ def test_method_object_matches_function(x64):
     )
     ref = _run(base_loss, meta_loss, theta, lam, bb, mb, tx, tx.init(theta), alpha=0.5)
     assert _max_err(out.meta_grad, ref.meta_grad) == 0.0
-    assert out.base_update is None  # base_step defaults to off
-    assert bj.sama(base_step=True).hypergrad(problem, inputs, state)[0].base_update is not None
+    assert out.base_update is None  # step_along_v defaults to off
+    assert bj.sama(step_along_v=True).hypergrad(problem, inputs, state)[0].base_update is not None
     assert bj.sama_na().adapt is False and bj.sama_na().name == "sama_na"
 
 

@@ -7,8 +7,8 @@ method                 hypergradient                                         sta
 ``sama_na()``          SAMA without adaptation                              none
 ``darts()``            SAMA-NA with α = 0.01 (T1–T2, Betty's ``darts``)      none
 ``darts_second_order`` DARTS virtual step (Liu et al. 2019)                  none
-``neumann(k, eta)``    implicit, Neumann series (Lorraine et al. 2020)      none
-``cg(k)``              implicit, conjugate gradient                          optional warm start
+``neumann(maxiter,η)`` implicit, Neumann series (Lorraine et al. 2020)      none
+``cg(maxiter)``        implicit, conjugate gradient                          optional warm start
 ``exact()``            implicit, dense Hessian + direct solve                none
 ``itd(unroll)``        reverse mode through K optax steps                    none
 ``dds()``              reverse mode through one optax step                   none

@@ -5,17 +5,21 @@ A *problem* is the pair of losses and the base optimizer:
     base_loss(base_params, meta_params, batch) -> scalar      L_b(θ, λ; B)
     meta_loss(base_params, meta_params, batch) -> scalar      L_m(θ, λ; B')
 
-A *method* (SAMA, SAMA-NA, …) is a frozen dataclass with optax-style
+A *method* (SAMA, SAMA-NA, …) is a frozen keyword-only dataclass with optax-style
 ``init(base_params, meta_params) -> state`` and
 ``hypergrad(problem, inputs, state) -> (Hypergrad, state)``; both are pure and
-jit-able, and any state a method keeps across meta steps is explicit.
+jit-able, and any state a method keeps across meta steps is explicit. Every attribute
+that callers (the bilevel loop, :func:`bilevel_jax.meta_grad`, the studies) read is
+declared by :class:`HypergradMethod`; the ``repr`` of a method reads like its
+constructor call and is deterministic, so results can record ``repr(method)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -82,16 +86,98 @@ class Hypergrad(NamedTuple):
     info: dict
 
 
+@runtime_checkable
 class HypergradMethod(Protocol):
-    """A hypergradient method; see the module docstring."""
+    """A hypergradient method: everything the bilevel loop and :func:`~bilevel_jax.meta_grad` use.
 
-    name: str
+    Attributes:
+      name: a short name (``"sama"``, ``"cg"``, …) used in messages and logs.
+      info_keys: the keys of :attr:`Hypergrad.info` this method fills (diagnostics).
+      step_along_v: the method returns :attr:`Hypergrad.base_update` and the caller must
+        apply it to θ after the meta update (SAMA's base step along v; False elsewhere).
+      supports_exact_sync: :meth:`synced` is available (data parallelism that reproduces
+        the full-batch result; SAMA-type methods only).
+
+    Methods:
+      synced(axis_name): a copy that averages d = ∇_θL_m, ∇_λL_m and the fresh gradient over
+        the device axis ``axis_name`` (inside ``shard_map``/``pmap``); raises ValueError naming
+        the method when ``supports_exact_sync`` is False.
+      init(base_params, meta_params): the state the method keeps across meta steps.
+      hypergrad(problem, inputs, state): ``(Hypergrad, new_state)`` for one meta step.
+
+    Example:
+      >>> import bilevel_jax as bj
+      >>> m = bj.sama()
+      >>> isinstance(m, bj.HypergradMethod), m.name, m.info_keys, m.step_along_v
+      (True, 'sama', ('eps', 'v_norm'), False)
+      >>> bj.cg().supports_exact_sync, bj.sama().synced("data").axis_name
+      (False, 'data')
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def info_keys(self) -> tuple[str, ...]: ...
+
+    @property
+    def step_along_v(self) -> bool: ...
+
+    @property
+    def supports_exact_sync(self) -> bool: ...
+
+    def synced(self, axis_name: str) -> HypergradMethod: ...
 
     def init(self, base_params: PyTree, meta_params: PyTree) -> PyTree: ...
 
     def hypergrad(
         self, problem: BilevelProblem, inputs: BilevelInputs, state: PyTree
     ) -> tuple[Hypergrad, PyTree]: ...
+
+
+def _repr_value(x: Any) -> str:
+    """``repr`` without memory addresses: functions by name, partials as ``partial(f, k=v)``."""
+    if isinstance(x, functools.partial):
+        parts = [_repr_value(x.func), *map(_repr_value, x.args)]
+        parts += [f"{k}={_repr_value(v)}" for k, v in x.keywords.items()]
+        return f"partial({', '.join(parts)})"
+    if callable(x) and not isinstance(x, type) and hasattr(x, "__name__"):
+        return x.__name__
+    return repr(x)
+
+
+class MethodBase:
+    """Defaults of the :class:`HypergradMethod` contract shared by the built-in methods.
+
+    Subclasses are frozen keyword-only dataclasses declared with ``repr=False`` so that this
+    ``__repr__`` (the constructor call with every field, callables by name) is used.
+
+    Example:
+      >>> import bilevel_jax as bj
+      >>> bj.cg(5)
+      Implicit(solver=partial(solve_cg, maxiter=5, damping=0.0), warm_start=False, name='cg')
+      >>> bj.itd(3).step_along_v, bj.itd(3).supports_exact_sync
+      (False, False)
+    """
+
+    info_keys: tuple[str, ...] = ()
+    step_along_v: bool = False
+    supports_exact_sync: bool = False
+    name: str
+
+    def synced(self, axis_name: str) -> Any:
+        """Raise: only methods with ``supports_exact_sync`` can synchronise exactly."""
+        raise ValueError(
+            f"{self.name} cannot reproduce the full-batch result under data parallelism "
+            f"(axis {axis_name!r}); exact synchronisation (sync='full_batch') is implemented for "
+            "SAMA-type methods (sama, sama_na, darts). Use the default sync='mean' (the mean "
+            "of the per-device estimates)."
+        )
+
+    def __repr__(self) -> str:
+        fields = dataclasses.fields(self)  # type: ignore[arg-type]
+        args = ", ".join(f"{f.name}={_repr_value(getattr(self, f.name))}" for f in fields if f.repr)
+        return f"{type(self).__name__}({args})"
 
 
 def all_finite(*trees: PyTree) -> jax.Array:

@@ -23,6 +23,7 @@ from bilevel_jax.hypergrad.base import (
     BilevelInputs,
     BilevelProblem,
     Hypergrad,
+    MethodBase,
     PyTree,
     assemble,
     central_difference,
@@ -33,14 +34,39 @@ from bilevel_jax.hypergrad.sama import SAMA
 __all__ = ["DartsSecondOrder", "darts", "darts_second_order"]
 
 
-def darts(alpha: float = 0.01) -> SAMA:
-    """Betty's DARTS / T1–T2: SAMA-NA with a small finite-difference radius α = 0.01."""
-    return SAMA(alpha, False, "fresh", "sequential", False, "darts")
+def darts(alpha: float = 0.01, *, step_along_v: bool = False) -> SAMA:
+    """Betty's DARTS / T1–T2: SAMA-NA with a small finite-difference radius α = 0.01.
+
+    ``step_along_v`` as in :func:`~bilevel_jax.sama`.
+
+    Example:
+      >>> m = darts()
+      >>> m.alpha, m.adapt, m.name
+      (0.01, False, 'darts')
+    """
+    return SAMA(
+        alpha=alpha,
+        adapt=False,
+        adapt_from="fresh",
+        difference="sequential",
+        step_along_v=step_along_v,
+        name="darts",
+    )
 
 
-@dataclasses.dataclass(frozen=True)
-class DartsSecondOrder:
-    """Original DARTS with a virtual SGD step of size ξ (see the module docstring)."""
+@dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
+class DartsSecondOrder(MethodBase):
+    """Original DARTS with a virtual SGD step of size ξ (see the module docstring).
+
+    Attributes:
+      xi: ξ, the virtual SGD step size (usually the base learning rate).
+      alpha: α in ε = α/‖d'‖.
+      name: the method's name.
+
+    Example:
+      >>> DartsSecondOrder(xi=0.1)
+      DartsSecondOrder(xi=0.1, alpha=0.01, name='darts2')
+    """
 
     xi: float
     alpha: float = 0.01
@@ -69,5 +95,11 @@ class DartsSecondOrder:
 
 
 def darts_second_order(xi: float, alpha: float = 0.01) -> DartsSecondOrder:
-    """Original second-order DARTS with virtual step ξ (usually the base learning rate)."""
-    return DartsSecondOrder(xi, alpha, "darts2")
+    """Original second-order DARTS with virtual step ξ (usually the base learning rate).
+
+    Example:
+      >>> m = darts_second_order(0.1)
+      >>> m.xi, m.alpha, m.info_keys
+      (0.1, 0.01, ('eps',))
+    """
+    return DartsSecondOrder(xi=xi, alpha=alpha, name="darts2")

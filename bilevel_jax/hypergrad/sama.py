@@ -4,7 +4,7 @@ Reference: S. K. Choe et al., "Making Scalable Meta Learning Practical",
 NeurIPS 2023, §3 (and Betty's ``sama`` implementation).
 
 For base parameters θ, meta parameters λ, base loss L_b and meta loss L_m, one
-meta step computes (DESIGN §2.1)
+meta step computes
 
     d  = ∇_θ L_m(θ, λ; B')
     v  = J_u(g)ᵀ d                    adaptation to the optimizer (v = d for SAMA-NA)
@@ -21,6 +21,7 @@ weighting network). SAMA also returns ``−εv``, the base step along v (paper �
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Literal
 
 import jax
@@ -32,6 +33,7 @@ from bilevel_jax.hypergrad.base import (
     BilevelProblem,
     Hypergrad,
     Loss,
+    MethodBase,
     PyTree,
     _wide,
     assemble,
@@ -150,28 +152,49 @@ def sama_hypergrad(
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class SAMA:
+@dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
+class SAMA(MethodBase):
     """SAMA as a hypergradient method object (see :func:`sama_hypergrad` for the math).
+
+    Build it with :func:`sama`, :func:`sama_na` or :func:`~bilevel_jax.darts`, or by keyword.
 
     Attributes:
       alpha: α in ε = α/‖v‖.
       adapt: False for SAMA-NA.
       adapt_from: ``"fresh"`` or ``"last"`` (see :func:`sama_hypergrad`).
       difference: ``"vmap"`` or ``"sequential"``.
-      base_step: whether callers should apply the returned base step along v.
+      step_along_v: return the base step along v, ``−εv``, as :attr:`Hypergrad.base_update`;
+        the bilevel loop then applies it to θ after the meta update (paper §3.2).
       axis_name: exact synchronisation over this device axis (see :func:`sama_hypergrad`);
-        set by ``bilevel_step(..., sync="exact")``.
+        set by :meth:`synced` (``bilevel_step(..., sync="full_batch")``).
+      name: the method's name.
+
+    Example:
+      >>> SAMA(alpha=0.5, step_along_v=True)
+      SAMA(alpha=0.5, adapt=True, adapt_from='fresh', difference='sequential', step_along_v=True, axis_name=None, name='sama')
+      >>> SAMA(alpha=0.5).synced("data").axis_name
+      'data'
     """
 
     alpha: float = 1.0
     adapt: bool = True
     adapt_from: Literal["fresh", "last"] = "fresh"
     difference: Literal["vmap", "sequential"] = "sequential"
-    base_step: bool = False
-    name: str = "sama"
+    step_along_v: bool = False
     axis_name: str | None = None
+    name: str = "sama"
     info_keys = ("eps", "v_norm")
+    supports_exact_sync = True
+
+    @property
+    def base_step(self) -> bool:
+        """Deprecated: use ``step_along_v``."""
+        _deprecated_base_step(stacklevel=3)
+        return self.step_along_v
+
+    def synced(self, axis_name: str) -> SAMA:
+        """A copy whose meta step averages d, ∇_λL_m and the fresh gradient over ``axis_name``."""
+        return dataclasses.replace(self, axis_name=axis_name)
 
     def init(self, base_params: PyTree, meta_params: PyTree) -> optax.EmptyState:
         """SAMA keeps no state across meta steps."""
@@ -199,9 +222,25 @@ class SAMA:
             difference=self.difference,
             axis_name=self.axis_name,
         )
-        if not self.base_step:
+        if not self.step_along_v:
             out = out._replace(base_update=None)
         return out, state
+
+
+def _deprecated_base_step(stacklevel: int) -> None:
+    warnings.warn(
+        "base_step is deprecated; use step_along_v (e.g. bj.sama(step_along_v=True)): the "
+        "method switch alone now makes bilevel_step apply the base step along v",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def _step_along_v(step_along_v: bool, base_step: bool | None) -> bool:
+    if base_step is None:
+        return step_along_v
+    _deprecated_base_step(stacklevel=4)
+    return bool(base_step) or step_along_v
 
 
 def sama(
@@ -209,17 +248,55 @@ def sama(
     *,
     adapt_from: Literal["fresh", "last"] = "fresh",
     difference: Literal["vmap", "sequential"] = "sequential",
-    base_step: bool = False,
+    step_along_v: bool = False,
+    base_step: bool | None = None,
 ) -> SAMA:
-    """SAMA with the optimizer adaptation (Choe et al. 2023). See :func:`sama_hypergrad`."""
-    return SAMA(alpha, True, adapt_from, difference, base_step, "sama")
+    """SAMA with the optimizer adaptation (Choe et al. 2023). See :func:`sama_hypergrad`.
+
+    Args:
+      alpha: α in ε = α/‖v‖.
+      adapt_from: where the adaptation Jacobian is taken (``"fresh"`` or ``"last"``).
+      difference: ``"sequential"`` or ``"vmap"`` evaluation of the central difference.
+      step_along_v: also take SAMA's base step ``θ ← θ − εv`` after each meta update
+        (applied by :func:`~bilevel_jax.bilevel_step`; :func:`~bilevel_jax.meta_grad` rejects it).
+      base_step: deprecated spelling of ``step_along_v``.
+
+    Example:
+      >>> m = sama(0.1, step_along_v=True)
+      >>> m.alpha, m.adapt, m.step_along_v, m.name
+      (0.1, True, True, 'sama')
+    """
+    return SAMA(
+        alpha=alpha,
+        adapt=True,
+        adapt_from=adapt_from,
+        difference=difference,
+        step_along_v=_step_along_v(step_along_v, base_step),
+        name="sama",
+    )
 
 
 def sama_na(
     alpha: float = 1.0,
     *,
     difference: Literal["vmap", "sequential"] = "sequential",
-    base_step: bool = False,
+    step_along_v: bool = False,
+    base_step: bool | None = None,
 ) -> SAMA:
-    """SAMA-NA: SAMA without the adaptation matrix (v = ∇_θ L_m)."""
-    return SAMA(alpha, False, "fresh", difference, base_step, "sama_na")
+    """SAMA-NA: SAMA without the adaptation matrix (v = ∇_θ L_m).
+
+    Arguments as in :func:`sama` (``base_step`` is the deprecated ``step_along_v``).
+
+    Example:
+      >>> m = sama_na(0.1)
+      >>> m.adapt, m.name
+      (False, 'sama_na')
+    """
+    return SAMA(
+        alpha=alpha,
+        adapt=False,
+        adapt_from="fresh",
+        difference=difference,
+        step_along_v=_step_along_v(step_along_v, base_step),
+        name="sama_na",
+    )

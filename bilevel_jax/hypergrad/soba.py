@@ -27,6 +27,7 @@ from bilevel_jax.hypergrad.base import (
     BilevelInputs,
     BilevelProblem,
     Hypergrad,
+    MethodBase,
     PyTree,
     assemble,
     base_hvp,
@@ -47,13 +48,17 @@ class SobaState(NamedTuple):
     count: jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class SOBA:
+@dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
+class SOBA(MethodBase):
     """SOBA (see the module docstring).
 
     Attributes:
-      rho: ρ, a float or a schedule ``count -> ρ_t``.
+      rho: ρ, a float or a schedule ``count -> ρ_t`` (printed by name in the ``repr``).
       name: the method's name.
+
+    Example:
+      >>> SOBA(rho=0.05)
+      SOBA(rho=0.05, name='soba')
     """
 
     rho: float | Callable[[jax.Array], jax.Array] = 0.01
@@ -82,5 +87,13 @@ class SOBA:
 
 
 def soba(rho: float | Callable[[jax.Array], jax.Array] = 0.01) -> SOBA:
-    """SOBA with step ρ (constant or a schedule of the meta-step count)."""
-    return SOBA(rho, "soba")
+    """SOBA with step ρ (constant or a schedule of the meta-step count).
+
+    Example:
+      >>> import optax
+      >>> soba(optax.constant_schedule(0.1)).rho(0)
+      0.1
+      >>> soba(0.05).info_keys
+      ('residual_norm',)
+    """
+    return SOBA(rho=rho, name="soba")

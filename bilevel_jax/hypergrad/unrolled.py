@@ -14,7 +14,7 @@ Fan et al.): ``h = ∇_λ L_m(θ − ρ ∇_θ L_b(θ, λ), λ)``, i.e. ITD with
 
 Differentiating *through* Adam-type optimizers needs ``eps_root > 0`` (e.g.
 ``optax.adam(lr, eps_root=1e-8)``): the derivative of ``√n`` at n = 0 is infinite
-and turns the hypergradient into NaN at zero gradients (DESIGN §4).
+and turns the hypergradient into NaN at zero gradients (``docs/precision.md``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from bilevel_jax.hypergrad.base import (
     BilevelInputs,
     BilevelProblem,
     Hypergrad,
+    MethodBase,
     PyTree,
     assemble,
     check_problem,
@@ -36,8 +37,8 @@ from bilevel_jax.hypergrad.base import (
 __all__ = ["Unrolled", "itd", "dds"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Unrolled:
+@dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
+class Unrolled(MethodBase):
     """Reverse-mode differentiation through ``unroll`` base steps (see the module docstring).
 
     Attributes:
@@ -50,6 +51,10 @@ class Unrolled:
       name: the method's name.
 
     ``Hypergrad.meta_loss`` is ``L_m(θ_K)``, the meta loss after the unrolled steps.
+
+    Example:
+      >>> Unrolled(unroll=3, remat=True)
+      Unrolled(unroll=3, truncate=None, stacked=False, remat=True, lr=None, name='itd')
     """
 
     unroll: int = 10
@@ -58,7 +63,6 @@ class Unrolled:
     remat: bool = False
     lr: float | None = None
     name: str = "itd"
-    info_keys = ()
 
     def __post_init__(self):
         if self.unroll < 1:
@@ -126,10 +130,22 @@ class Unrolled:
 def itd(
     unroll: int = 10, *, truncate: int | None = None, stacked: bool = False, remat: bool = False
 ) -> Unrolled:
-    """Iterative differentiation through ``unroll`` steps of the base optimizer."""
-    return Unrolled(unroll, truncate, stacked, remat, None, "itd")
+    """Iterative differentiation through ``unroll`` steps of the base optimizer.
+
+    Example:
+      >>> m = itd(5, truncate=2)
+      >>> m.unroll, m.truncate, m.name
+      (5, 2, 'itd')
+    """
+    return Unrolled(unroll=unroll, truncate=truncate, stacked=stacked, remat=remat, name="itd")
 
 
 def dds(lr: float | None = None) -> Unrolled:
-    """One-step look-ahead: ``∇_λ L_m(θ + Δ(∇_θL_b(θ, λ)), λ)`` (``Δ = −lr·g`` when ``lr`` is set)."""
-    return Unrolled(1, None, False, False, lr, "dds")
+    """One-step look-ahead: ``∇_λ L_m(θ + Δ(∇_θL_b(θ, λ)), λ)`` (``Δ = −lr·g`` when ``lr`` is set).
+
+    Example:
+      >>> m = dds(0.1)
+      >>> m.unroll, m.lr, m.name
+      (1, 0.1, 'dds')
+    """
+    return Unrolled(unroll=1, lr=lr, name="dds")
