@@ -12,7 +12,8 @@ evaluated at the gradient ``g`` and state ``s`` of a base step. For a chain
 exactly like backprop.
 
 Every rule here is the derivative of optax's *actual* update, bias correction
-included (DESIGN §2.2 corrects the Adam derivative printed in the seed papers):
+included (``docs/math.md`` derives the Adam rule and why the formula printed in the
+seed papers is wrong):
 
 ================================  =============================================
 transform                          ∂out/∂in

@@ -2,7 +2,7 @@ r"""Multi-host (multi-process) data parallelism: the same bilevel step over a gl
 
 A TPU pod or a multi-GPU cluster runs one Python process per host. Each process calls
 :func:`initialize` once, before any other JAX call, and then runs the *same* program as on
-one host (DESIGN §2.4): the step of :func:`bilevel_jax.parallel.data_parallel` over
+one host (``docs/parallel.md``): the step of :func:`bilevel_jax.parallel.data_parallel` over
 :func:`global_mesh`, with each process feeding only its own slice of every batch
 (:func:`global_batch`). The step still needs one all-reduce per base step and one per meta
 step; across hosts JAX runs them over the network (gloo on CPU, ICI/DCN on TPU, NCCL on GPU).
@@ -154,7 +154,7 @@ def global_mesh(axis_name: str = "data") -> Mesh:
     """A 1-D mesh over every device of every process, in ``jax.devices()`` order.
 
     Its axis is of the ``Auto`` type that ``jax.shard_map`` over unsharded inputs needs
-    (DESIGN §4), so it is what :func:`bilevel_jax.parallel.data_parallel` takes.
+    (``jax.make_mesh`` would default to explicit axes), so it is what :func:`bilevel_jax.parallel.data_parallel` takes.
     """
     return Mesh(np.array(jax.devices()), (axis_name,))
 

@@ -3,7 +3,7 @@ r"""Cost of every hypergradient method against plain training: compiled memory, 
     python -m experiments.benchmark [--quick] [--models NAME ...] [--methods NAME ...]
                                     [--timed N] --json PATH
 
-The problem is data reweighting (the main job's, DESIGN §6): a base model trained with Adam on a
+The problem is data reweighting (the main job's): a base model trained with Adam on a
 Meta-Weight-Net-weighted cross entropy, ``L_b = Σ w_i ℓ_i / Σ w_i`` with ``w_i = MWN_λ(sg ℓ_i)``
 (MWN 1-100-1), and the clean mean cross entropy as ``L_m``; one meta step every K = 10 base
 steps. Batches: 256 base and 256 meta examples (64 for the 10M-parameter MLP and the transformer)
@@ -208,7 +208,7 @@ def make_problem(spec: ModelSpec, datasets: dict) -> Problem:
     batch = (jnp.asarray(ds.x[idx[:b]]), jnp.asarray(ds.y[idx[:b]]))
     meta = (jnp.asarray(ds.x[idx[b : 2 * b]]), jnp.asarray(ds.y[idx[b : 2 * b]]))
     n_params = sum(x.size for x in jax.tree.leaves(theta))
-    # eps_root > 0: ITD and DDS differentiate through Adam (DESIGN §4)
+    # eps_root > 0: ITD and DDS differentiate through Adam (docs/precision.md)
     return Problem(
         losses,
         theta,

@@ -59,7 +59,7 @@ Recorded at every meta step t (λ_t is the meta parameter *before* update t):
 The run also checks that the gradient Adam actually consumed (recovered from its first moment,
 ``g = (μ_t − b1 μ_{t−1})/(1 − b1)``) equals that hypergradient (``chain_grad_relerr``).
 
-Cost (DESIGN §6), per method, on the same inputs (λ = 0, w = w*(0), fresh SGD state, fresh method
+Cost (compiled XLA memory and median wall time), per method, on the same inputs (λ = 0, w = w*(0), fresh SGD state, fresh method
 state): ``f = jax.jit(lambda ...: method.hypergrad(problem, inputs, state))`` — one meta step's
 hypergradient. ``time_ratio_vs_sama`` is the median wall time of ``timing_calls`` calls (after
 ``timing_warmup`` warm-up calls, each call ``block_until_ready``; the methods are interleaved call
@@ -154,7 +154,7 @@ class Config:
     cg_k: int = 50
     itd_unroll: int = 5
     step_frac: float = 1.0
-    # Cost measurement (DESIGN §6).
+    # Cost measurement: median of timed calls after warm-up, compiled memory.
     timing_calls: int = 300
     timing_warmup: int = 10
 

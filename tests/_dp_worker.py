@@ -24,7 +24,7 @@ import bilevel_jax as bj  # noqa: E402
 from bilevel_jax.parallel import collective_report, data_parallel  # noqa: E402
 
 N_DEV, K, B, F, NM = 8, 3, 32, 5, 16  # B and NM split into 8 shards of 4 and 2
-ALL_REDUCE = re.compile(r"(?<![%\w.-])all-reduce(?:-start)?\(")  # DESIGN §4
+ALL_REDUCE = re.compile(r"(?<![%\w.-])all-reduce(?:-start)?\(")  # docs/parallel.md §3
 
 
 def main():

@@ -131,8 +131,8 @@ def test_sgd_adaptation_is_learning_rate_times_d(x64):
         np.testing.assert_allclose(a, 0.1 * b, rtol=1e-14)
 
 
-def test_adam_rule_matches_design_formula(x64):
-    """The DESIGN §2.2 formula, written out independently, at a late step."""
+def test_adam_rule_matches_written_formula(x64):
+    """Form (1) of docs/math.md §2.1 (quotient rule), written out independently, at a late step."""
     b1, b2, eps, lr = 0.9, 0.999, 1e-8, 1e-3
     tx = optax.adam(lr, b1=b1, b2=b2, eps=eps)
     params = _params(jnp.float64)
