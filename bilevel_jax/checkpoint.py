@@ -63,15 +63,56 @@ _STATE, _META = "state", "meta"
 
 
 class CheckpointCorruptError(RuntimeError):
-    """A checkpoint (or every checkpoint) in the directory is unusable."""
+    """A checkpoint (or every checkpoint) in the directory is unusable.
+
+    >>> import os, shutil, tempfile
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax.checkpoint import CheckpointCorruptError, Checkpointer
+    >>> state = {"w": jnp.ones(2)}
+    >>> with tempfile.TemporaryDirectory() as d, Checkpointer(d) as ckpt:
+    ...     ckpt.save(5, state)
+    ...     shutil.rmtree(os.path.join(d, "5", "meta"))  # lose the checksums
+    ...     try:
+    ...         ckpt.restore(template=state, step=5)
+    ...     except CheckpointCorruptError as e:
+    ...         print("unusable:", "metadata unreadable" in str(e))
+    unusable: True
+    """
 
 
 class CheckpointStructureError(ValueError):
-    """The restore template does not match the structure, dtypes or shapes on disk."""
+    """The restore template does not match the structure, dtypes or shapes on disk.
+
+    >>> import tempfile
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax.checkpoint import CheckpointStructureError, Checkpointer
+    >>> with tempfile.TemporaryDirectory() as d, Checkpointer(d) as ckpt:
+    ...     ckpt.save(0, {"w": jnp.ones(2)})
+    ...     try:
+    ...         ckpt.restore(template={"w": jnp.ones(3)})
+    ...     except CheckpointStructureError as e:
+    ...         print(str(e).split("checkpoint 0 in ")[1].split(": ", 1)[1])
+    leaf ['w']: template float32[3], checkpoint float32[2]
+    """
 
 
 class CheckpointFallbackWarning(UserWarning):
-    """The newest checkpoint was unusable and an older one was restored instead."""
+    """The newest checkpoint was unusable and an older one was restored instead.
+
+    >>> import os, shutil, tempfile, warnings
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax.checkpoint import CheckpointFallbackWarning, Checkpointer
+    >>> state = {"w": jnp.ones(2)}
+    >>> with tempfile.TemporaryDirectory() as d, Checkpointer(d) as ckpt:
+    ...     ckpt.save(1, state)
+    ...     ckpt.save(2, state)
+    ...     shutil.rmtree(os.path.join(d, "2", "meta"))  # step 2 is now unusable
+    ...     with warnings.catch_warnings(record=True) as caught:
+    ...         warnings.simplefilter("always")
+    ...         restored = ckpt.restore(template=state)
+    >>> restored.step, {w.category.__name__ for w in caught}
+    (1, {'CheckpointFallbackWarning'})
+    """
 
 
 class Restored(NamedTuple):
@@ -81,6 +122,11 @@ class Restored(NamedTuple):
       step: the step that was restored (older than the newest one after a fallback).
       state: the state, in the structure, dtypes and shapes of the template.
       extra: the ``extra`` dict given to :meth:`Checkpointer.save` (``{}`` if none).
+
+    >>> from bilevel_jax.checkpoint import Restored
+    >>> step, state, extra = Restored(3, {"w": 1.0}, {"data_position": 96})
+    >>> step, extra["data_position"]
+    (3, 96)
     """
 
     step: int
@@ -116,6 +162,14 @@ def state_checksum(state: PyTree) -> str:
     Typed PRNG keys are hashed through ``jax.random.key_data`` (their dtype
     string, e.g. ``key<fry>``, is hashed too). Every leaf must be fully addressable
     from this process.
+
+    >>> import jax.numpy as jnp, numpy as np
+    >>> from bilevel_jax.checkpoint import state_checksum
+    >>> a = state_checksum({"w": jnp.zeros(2), "t": jnp.int32(3)})
+    >>> len(a), a == state_checksum({"w": np.zeros(2, np.float32), "t": np.int32(3)})
+    (64, True)
+    >>> a == state_checksum({"w": jnp.zeros(2), "t": jnp.int32(4)})
+    False
     """
     h = hashlib.sha256()
     for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
@@ -165,6 +219,19 @@ class Checkpointer:
 
     Saves are synchronous: :meth:`save` returns once the checkpoint is committed.
     Usable as a context manager (closes the underlying orbax manager).
+
+    >>> import tempfile
+    >>> import jax.numpy as jnp
+    >>> import bilevel_jax as bj
+    >>> state = {"w": jnp.arange(3.0), "count": jnp.int32(7)}
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     with bj.checkpoint.Checkpointer(d, max_to_keep=2) as ckpt:
+    ...         for step in (10, 20, 30):
+    ...             ckpt.save(step, state, extra={"data_position": step * 32})
+    ...         kept = ckpt.all_steps()
+    ...         step, restored, extra = ckpt.restore(template=state)
+    >>> kept, step, restored["w"].tolist(), extra
+    ([20, 30], 30, [0.0, 1.0, 2.0], {'data_position': 960})
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3):

@@ -7,16 +7,18 @@ one host (``docs/parallel.md``): the step of :func:`bilevel_jax.parallel.data_pa
 (:func:`global_batch`). The step still needs one all-reduce per base step and one per meta
 step; across hosts JAX runs them over the network (gloo on CPU, ICI/DCN on TPU, NCCL on GPU).
 
-The recipe::
+The recipe (``base_loss``, ``meta_loss``, ``theta0``, ``lam0`` and ``my_loader`` are yours)::
 
+    import jax, optax
     import bilevel_jax as bj
     from bilevel_jax import distributed as dist
     from bilevel_jax.parallel import data_parallel
 
     dist.initialize()                      # reads BILEVEL_JAX_* variables, or pass them
     mesh = dist.global_mesh("data")        # every device of every process
-    step = jax.jit(data_parallel(bj.bilevel_step(...), mesh))
-    state = dist.replicate(step_fn.init(theta0, lam0), mesh)
+    bilevel = bj.bilevel_step(base_loss, meta_loss, optax.adam(1e-3), optax.adam(1e-2), bj.sama())
+    step = jax.jit(data_parallel(bilevel, mesh))
+    state = dist.replicate(bilevel.init(theta0, lam0), mesh)
     for base_np, meta_np in my_loader(rows=dist.process_rows(global_batch_size)):
         base = dist.global_batch(base_np, mesh, batch_axis=1)   # (K, local_batch, ...)
         meta = dist.global_batch(meta_np, mesh)                 # (local_batch, ...)
@@ -71,7 +73,15 @@ ENV_TIMEOUT = "BILEVEL_JAX_INIT_TIMEOUT"
 
 
 class DistributedLaunchError(RuntimeError):
-    """A process of a multi-process run failed, aborted or did not finish in time."""
+    """A process of a multi-process run failed, aborted or did not finish in time.
+
+    >>> from bilevel_jax import distributed as dist
+    >>> try:
+    ...     dist.launch_local(["-c", "raise SystemExit(3)"], 2)
+    ... except dist.DistributedLaunchError as e:
+    ...     print(str(e).splitlines()[0])
+    process 0 of 2 exited with status 3. End of its stderr:
+    """
 
 
 def initialize(
@@ -102,6 +112,16 @@ def initialize(
     Raises:
       ValueError: inconsistent or malformed arguments.
       RuntimeError: JAX's backends already exist (``initialize`` must come first).
+
+    The arguments are checked before JAX is touched:
+
+    >>> from bilevel_jax import distributed as dist
+    >>> dist.initialize("127.0.0.1", num_processes=2, process_id=0)
+    Traceback (most recent call last):
+    ValueError: coordinator_address must be 'host:port', got '127.0.0.1'
+    >>> dist.initialize("127.0.0.1:1234", num_processes=2, process_id=2)
+    Traceback (most recent call last):
+    ValueError: need 0 <= process_id < num_processes, got process_id=2, num_processes=2
     """
     env = os.environ
     coordinator_address = coordinator_address or env.get(ENV_COORDINATOR)
@@ -154,7 +174,14 @@ def global_mesh(axis_name: str = "data") -> Mesh:
     """A 1-D mesh over every device of every process, in ``jax.devices()`` order.
 
     Its axis is of the ``Auto`` type that ``jax.shard_map`` over unsharded inputs needs
-    (``jax.make_mesh`` would default to explicit axes), so it is what :func:`bilevel_jax.parallel.data_parallel` takes.
+    (``jax.make_mesh`` would default to explicit axes), so it is what
+    :func:`bilevel_jax.parallel.data_parallel` takes.
+
+    >>> import jax
+    >>> from bilevel_jax import distributed as dist
+    >>> mesh = dist.global_mesh("data")
+    >>> mesh.axis_names, mesh.devices.size == jax.device_count()
+    (('data',), True)
     """
     return Mesh(np.array(jax.devices()), (axis_name,))
 
@@ -164,6 +191,13 @@ def process_rows(global_size: int) -> slice:
 
     Process ``i`` of ``n`` owns the ``i``-th contiguous block of ``global_size / n`` rows, the
     block that :func:`global_batch` places on this process's devices.
+
+    In a single process every row is local:
+
+    >>> import jax
+    >>> from bilevel_jax import distributed as dist
+    >>> dist.process_rows(8 * jax.device_count()) == slice(0, 8 * jax.device_count())
+    True
     """
     if isinstance(global_size, bool) or not isinstance(global_size, int) or global_size < 1:
         raise ValueError(f"global_size must be a positive integer, got {global_size!r}")
@@ -186,6 +220,13 @@ def global_batch(
     global ``jax.Array`` whose ``batch_axis`` is the concatenation, in process order, of the
     processes' slices (``jax.make_array_from_process_local_data``). Use ``batch_axis=1`` for
     the ``(K, batch, ...)`` base batches of a bilevel step.
+
+    >>> import jax, numpy as np
+    >>> from bilevel_jax import distributed as dist
+    >>> mesh, n = dist.global_mesh(), jax.device_count()
+    >>> base = dist.global_batch(np.zeros((5, 4 * n, 3), np.float32), mesh, batch_axis=1)
+    >>> base.shape == (5, 4 * n, 3), tuple(base.sharding.spec)
+    (True, (None, 'data'))
     """
 
     def one(x):
@@ -205,12 +246,25 @@ def global_batch(
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-    """Place ``tree`` on every device of ``mesh`` (each process must pass the same values)."""
+    """Place ``tree`` on every device of ``mesh`` (each process must pass the same values).
+
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import distributed as dist
+    >>> state = dist.replicate({"w": jnp.ones(3)}, dist.global_mesh())
+    >>> state["w"].sharding.is_fully_replicated
+    True
+    """
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
 def to_host(tree: PyTree) -> PyTree:
-    """NumPy copies of replicated (or single-process) arrays, readable on every process."""
+    """NumPy copies of replicated (or single-process) arrays, readable on every process.
+
+    >>> import jax.numpy as jnp
+    >>> from bilevel_jax import distributed as dist
+    >>> dist.to_host({"w": dist.replicate(jnp.arange(3), dist.global_mesh())})
+    {'w': array([0, 1, 2], dtype=int32)}
+    """
 
     def one(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -293,6 +347,11 @@ def launch_local(
 
     Returns:
       The standard output of each process, in rank order.
+
+    >>> from bilevel_jax import distributed as dist
+    >>> outputs = dist.launch_local(["-c", "import os; print(os.environ['BILEVEL_JAX_PROCESS_ID'])"], 2)
+    >>> [out.strip() for out in outputs]
+    ['0', '1']
     """
     if num_processes < 1:
         raise ValueError(f"num_processes must be at least 1, got {num_processes}")
