@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -12,7 +13,42 @@ PyTree = Any
 
 
 class BilevelInputError(ValueError):
-    """Bad input to a bilevel_jax function: mismatched pytrees, wrong shapes or dtypes."""
+    """Bad input to a bilevel_jax function: mismatched pytrees, wrong shapes or dtypes.
+
+    A ``ValueError``, so ``except ValueError`` catches it too.
+
+    Example:
+      >>> import optax
+      >>> import bilevel_jax as bj
+      >>> loss = lambda th, lam, batch: th * lam  # not a scalar
+      >>> problem = bj.BilevelProblem(loss, loss, optax.sgd(0.1))
+      >>> th = jnp.ones(2)
+      >>> inputs = bj.BilevelInputs(th, jnp.ones(2), optax.sgd(0.1).init(th), None, None)
+      >>> try:
+      ...     bj.sama().hypergrad(problem, inputs, None)
+      ... except bj.BilevelInputError as e:
+      ...     print(str(e)[:31])
+      base_loss must return a scalar
+    """
+
+
+def callable_repr(x: Any) -> str:
+    """``repr`` without memory addresses: functions by name, partials as ``partial(f, k=v)``.
+
+    Example:
+      >>> from bilevel_jax import linalg
+      >>> callable_repr(functools.partial(linalg.solve_cg, maxiter=10))
+      'partial(solve_cg, maxiter=10)'
+      >>> callable_repr(0.5), callable_repr(jnp.tanh)
+      ('0.5', 'tanh')
+    """
+    if isinstance(x, functools.partial):
+        parts = [callable_repr(x.func), *map(callable_repr, x.args)]
+        parts += [f"{k}={callable_repr(v)}" for k, v in x.keywords.items()]
+        return f"partial({', '.join(parts)})"
+    if callable(x) and not isinstance(x, type) and hasattr(x, "__name__"):
+        return x.__name__
+    return repr(x)
 
 
 def _path(path) -> str:

@@ -35,25 +35,29 @@ the interface only; this is an independent implementation on
 
 Which linear solver for (1)
 ---------------------------
-``solve`` is a name from :data:`bilevel_jax.linalg.SOLVERS` or a callable with
-the same signature ``solve(matvec, b, *, x0=None, **solver_kwargs)``:
+``solve`` is a function of :mod:`bilevel_jax.linalg`, optionally with its settings
+bound by :func:`functools.partial`, or any callable with the same signature
+``solve(matvec, b, *, x0=None, ...) -> x``:
 
-- ``"cg"`` (default of :func:`custom_root`) needs ``∂_θF`` symmetric positive
-  (or negative) definite. This holds for ``F = ∇_θ L`` at a strict local
-  minimum (``∂_θF`` is the Hessian). Do not use it for general F.
-- ``"gmres"`` (default of :func:`custom_fixed_point`) and ``"bicgstab"`` handle
-  non-symmetric ``∂_θF`` (general root problems, fixed points of non-gradient
-  maps, saddle points).
-- ``"neumann"`` (``x = η Σ_{j≤K} (I − ηA)^j b``) needs ``ρ(I − ηA) < 1``; pass
-  ``eta``. For :func:`custom_fixed_point` with a contraction T, ``eta=1`` gives
-  the classic series ``Σ_j (∂_θTᵀ)^j w``.
-- ``"dense"`` materialises ``∂_θF`` (n matvecs) and solves exactly; small θ only.
+- :func:`~bilevel_jax.linalg.solve_cg` (default of :func:`custom_root`) needs
+  ``∂_θF`` symmetric positive (or negative) definite. This holds for ``F = ∇_θ L``
+  at a strict local minimum (``∂_θF`` is the Hessian). Do not use it for general F.
+- :func:`~bilevel_jax.linalg.solve_gmres` (default of :func:`custom_fixed_point`)
+  and :func:`~bilevel_jax.linalg.solve_bicgstab` handle non-symmetric ``∂_θF``
+  (general root problems, fixed points of non-gradient maps, saddle points).
+- :func:`~bilevel_jax.linalg.solve_neumann` (``x = η Σ_{j≤K} (I − ηA)^j b``) needs
+  ``ρ(I − ηA) < 1``; bind ``eta``. For :func:`custom_fixed_point` with a
+  contraction T, ``eta=1`` gives the classic series ``Σ_j (∂_θTᵀ)^j w``.
+- :func:`~bilevel_jax.linalg.solve_dense` materialises ``∂_θF`` (n matvecs) and
+  solves exactly; small θ only.
 
-``solver_kwargs`` (``maxiter``, ``tol``, ``damping``, ``eta``, ``restart``…) are
-passed to it; for the named solvers ``maxiter`` defaults to
-:data:`DEFAULT_MAXITER` here (``bilevel_jax.linalg`` defaults to 10, too few for
-an accurate adjoint). ``damping=δ`` solves ``(∂_θFᵀ + δI) u = w`` (biased, but
-stabilises near-singular systems).
+A :mod:`bilevel_jax.linalg` solver that does not bind ``maxiter`` gets
+:data:`DEFAULT_MAXITER` iterations here (``bilevel_jax.linalg`` defaults to 10, too
+few for an accurate adjoint); ``custom_root(..., maxiter=n)`` sets it explicitly.
+Bound keywords are checked against the solver's signature when the decorator is
+built. ``damping=δ`` solves ``(∂_θFᵀ + δI) u = w`` (biased, but stabilises
+near-singular systems). The backward pass itself is the pure function
+:func:`root_vjp`, usable on its own.
 
 Arguments: what is differentiated
 ---------------------------------
@@ -84,11 +88,12 @@ Limitations
 - Only reverse mode (``jax.grad``/``jax.vjp``) is defined; forward mode
   (``jax.jvp``/``jacfwd``) raises, as for any ``jax.custom_vjp``.
 - A singular or indefinite ``∂_θF`` (CG on a saddle point, a flat direction)
-  can make ``u`` non-finite. Trace-time checks cannot see values; when the
-  backward pass runs eagerly the adjoint is checked and a ``RuntimeWarning``
-  with a hint is issued, and with ``check_finite=True`` the same check runs
-  inside ``jit``/``vmap`` through ``jax.debug.callback`` (one host callback per
-  backward pass). Otherwise NaNs propagate silently.
+  can make ``u`` non-finite. The adjoint is checked in every backward pass, also
+  under ``jit``/``vmap``, and handled by ``on_nonfinite`` (the library-wide
+  convention of :mod:`bilevel_jax._nonfinite`): ``"warn"`` (default) issues a
+  ``RuntimeWarning`` with a hint, ``"raise"`` a ``FloatingPointError``, ``"skip"``
+  lets the NaNs propagate silently. The host callback sits on the non-finite
+  branch of a ``lax.cond``, so a finite backward pass costs no host round trip.
 - The auxiliary output of ``has_aux=True`` is passed through unchanged but is
   not differentiable (its float leaves are wrapped in ``lax.stop_gradient``).
 """
@@ -106,12 +111,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from bilevel_jax import linalg
-from bilevel_jax._checks import BilevelInputError
+from bilevel_jax._checks import BilevelInputError, callable_repr
+from bilevel_jax._nonfinite import OnNonfinite, all_finite, check_mode, report
 
 __all__ = [
     "DEFAULT_MAXITER",
     "custom_root",
     "custom_fixed_point",
+    "root_vjp",
 ]
 
 PyTree = Any
@@ -147,31 +154,85 @@ def _path(path) -> str:
     return jax.tree_util.keystr(path) or "<root>"
 
 
-def _prepare_linear_solve(
-    solve: str | Callable, solver_kwargs: dict | None
-) -> tuple[Callable, dict]:
-    """Resolve ``solve`` and check ``solver_kwargs`` against its signature (eagerly)."""
-    linear_solve = linalg.get_solver(solve)  # ValueError listing the choices
-    kwargs = dict(solver_kwargs or {})
+def _unwrap(solve: Callable) -> tuple[Callable, dict]:
+    """The function under (nested) partials and the keywords they bind."""
+    kw: dict = {}
+    while isinstance(solve, functools.partial):
+        kw = {**solve.keywords, **kw}
+        solve = solve.func
+    return solve, kw
+
+
+def _parameters(func: Callable) -> dict | None:
     try:
-        params = inspect.signature(linear_solve).parameters
+        return dict(inspect.signature(func).parameters)
     except (TypeError, ValueError):  # builtins / C callables: cannot check
-        return linear_solve, kwargs
-    has_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    if not has_var_kw:
+        return None
+
+
+def _linear_solver(
+    solve: str | Callable = linalg.solve_cg,
+    *,
+    maxiter: int | None = None,
+    solver_kwargs: dict | None = None,
+) -> Callable:
+    """The adjoint solver ``solve(matvec, b)`` that :func:`custom_root` will call.
+
+    Binds ``maxiter`` (when given), else :data:`DEFAULT_MAXITER` for a
+    :mod:`bilevel_jax.linalg` solver that does not bind one already, and checks the
+    bound keywords against the solver's signature now (not at the first backward pass).
+    A string ``solve`` and ``solver_kwargs`` are the deprecated spellings.
+
+    Raises:
+      ValueError: unknown solver name (the message lists the choices).
+      TypeError: ``solve`` is not callable, or a keyword the solver does not accept.
+
+    Example:
+      >>> _linear_solver(linalg.solve_cg).keywords
+      {'maxiter': 100}
+      >>> _linear_solver(functools.partial(linalg.solve_gmres, maxiter=30)).keywords
+      {'maxiter': 30}
+    """
+    if isinstance(solve, str):
+        warnings.warn(
+            f"custom_root/custom_fixed_point(solve={solve!r}) is deprecated; pass the solver "
+            f"itself, e.g. solve=bilevel_jax.linalg.{linalg.get_solver(solve).__name__} "
+            "(with settings bound by functools.partial)",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+        solve = linalg.get_solver(solve)  # ValueError listing the choices
+    if not callable(solve):
+        raise TypeError(f"solve must be a callable linear solver, got {type(solve).__name__}")
+    kwargs = dict(solver_kwargs or {})
+    if solver_kwargs is not None:
+        warnings.warn(
+            "solver_kwargs is deprecated; bind the settings to the solver instead, e.g. "
+            "solve=functools.partial(bilevel_jax.linalg.solve_cg, maxiter=100, tol=1e-8)",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+    func, bound = _unwrap(solve)
+    params = _parameters(func)
+    if maxiter is not None:
+        kwargs["maxiter"] = maxiter
+    elif (
+        any(func is f for f in linalg.SOLVERS.values())
+        and "maxiter" in (params or {})
+        and "maxiter" not in {**bound, **kwargs}
+    ):
+        kwargs["maxiter"] = DEFAULT_MAXITER
+    if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         accepted = {
             n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
         } - {"matvec", "b"}
-        unknown = sorted(set(kwargs) - accepted)
+        unknown = sorted((set(bound) | set(kwargs)) - accepted)
         if unknown:
-            name = solve if isinstance(solve, str) else getattr(solve, "__name__", repr(solve))
             raise TypeError(
-                f"linear solver {name!r} does not accept solver_kwargs {unknown}; "
-                f"it accepts {sorted(accepted)}"
+                f"linear solver {callable_repr(func)!r} does not accept the keywords "
+                f"{unknown}; it accepts {sorted(accepted)}"
             )
-    if isinstance(solve, str) and "maxiter" in params and "maxiter" not in kwargs:
-        kwargs["maxiter"] = DEFAULT_MAXITER
-    return linear_solve, kwargs
+    return functools.partial(solve, **kwargs) if kwargs else solve
 
 
 def _check_solution(sol: PyTree) -> None:
@@ -206,37 +267,111 @@ def _check_optimality_output(fn_name: str, sol: PyTree, out: PyTree) -> None:
             )
 
 
-def _nonfinite_message(solve_name: str) -> str:
-    return (
-        "implicit differentiation: the adjoint solve (∂_θF)ᵀ u = w returned non-finite values "
-        f"(linear solver {solve_name!r}), so the hypergradient is NaN/inf. ∂_θF may be singular "
-        "or, for 'cg', not definite (F = ∇L at a saddle point or a non-symmetric F). Try "
-        "solve='gmres' or 'dense', a small solver_kwargs['damping'], a larger 'maxiter', a "
-        "smaller Neumann 'eta', and check that the inner solver converged (F(θ*) ≈ 0)."
-    )
-
-
-def _warn_if_nonfinite(finite: Any, solve_name: str) -> None:
-    if not np.all(np.asarray(finite)):
-        warnings.warn(_nonfinite_message(solve_name), RuntimeWarning, stacklevel=2)
+_NONFINITE_HINT = (
+    "The hypergradient is NaN/inf. ∂_θF may be singular or, for CG, not definite (F = ∇L at "
+    "a saddle point or a non-symmetric F). Try solve=linalg.solve_gmres or linalg.solve_dense, "
+    "a small damping, a larger maxiter, a smaller Neumann eta, and check that the inner solver "
+    "converged (F(θ*) ≈ 0)."
+)
 
 
 # --------------------------------------------------------------------------- core
+
+_DEFAULT_ADJOINT_SOLVE = functools.partial(linalg.solve_cg, maxiter=DEFAULT_MAXITER)
+
+
+def root_vjp(
+    optimality_fn: Callable,
+    solution: PyTree,
+    args: tuple,
+    cotangent: PyTree,
+    *,
+    solve: Callable = _DEFAULT_ADJOINT_SOLVE,
+    on_nonfinite: OnNonfinite = "warn",
+) -> tuple:
+    r"""The VJP ``(dθ*/d args)ᵀ w`` of a root ``θ*`` of ``F(θ, *args) = 0`` (pure, jit-able).
+
+    Solves the adjoint system ``(∂_θF)ᵀ u = w`` with ``solve`` (matrix-free: the matvec is
+    ``jax.vjp`` of F in θ at ``solution``) and returns ``−(∂_argsF)ᵀ u``, one ``jax.vjp`` of F
+    in the args. This is the backward pass of :func:`custom_root`.
+
+    Args:
+      optimality_fn: ``F(θ, *args)``, a pytree shaped like θ, zero at the solution.
+      solution: θ*, a pytree of floating arrays (F(θ*, *args) ≈ 0).
+      args: the tuple of F's other arguments (pytrees).
+      cotangent: w, the cotangent of θ* (shaped like it).
+      solve: the linear solver ``solve(matvec, b) -> x`` (see the module docstring; default
+        ``partial(linalg.solve_cg, maxiter=DEFAULT_MAXITER)``).
+      on_nonfinite: what to do when u holds NaN/inf: ``"warn"`` (default),
+        ``"raise"`` or ``"skip"`` (works under ``jit``; see :mod:`bilevel_jax._nonfinite`).
+
+    Returns:
+      A tuple like ``args``: ``−(∂_argsF)ᵀ u`` for floating leaves; integer and bool leaves
+      get ``float0`` zeros (symbolic zero cotangents, as ``jax.custom_vjp`` requires).
+
+    Example (``F(θ, a) = θ − a²`` has the root ``θ* = a²``, so ``dθ*/da = 2a``):
+      >>> import jax.numpy as jnp
+      >>> F = lambda th, a: th - a**2
+      >>> a = jnp.array([1.0, 3.0])
+      >>> (ga,) = root_vjp(F, a**2, (a,), jnp.ones(2), solve=linalg.solve_dense)
+      >>> print(ga)
+      [2. 6.]
+    """
+    args = tuple(args)
+    _, vjp_theta = jax.vjp(lambda th: optimality_fn(th, *args), solution)
+    u = solve(lambda v: vjp_theta(v)[0], cotangent)
+    report(
+        all_finite(u),
+        check_mode(on_nonfinite, "root_vjp"),
+        where=f"implicit differentiation ({callable_repr(solve)}): the adjoint solution u of "
+        "(∂_θF)ᵀ u = w",
+        tree=u,
+        hint=_NONFINITE_HINT,
+    )
+    leaves, treedef = jax.tree.flatten(args)
+    diff = [i for i, x in enumerate(leaves) if _is_float(x)]
+
+    def f_diff(diff_vals):
+        vals = list(leaves)
+        for i, v in zip(diff, diff_vals):
+            vals[i] = v
+        return optimality_fn(solution, *treedef.unflatten(vals))
+
+    _, vjp_args = jax.vjp(f_diff, [leaves[i] for i in diff])
+    (grads,) = vjp_args(u)
+    cot = [_zero_cotangent(x) for x in leaves]
+    for i, g in zip(diff, grads):
+        cot[i] = jax.tree.map(jnp.negative, g)
+    return treedef.unflatten(cot)
+
+
+def _split_aux(out: Any, has_aux: bool) -> tuple[PyTree, Any]:
+    if not has_aux:
+        return out, None
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        length = f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""
+        raise BilevelInputError(
+            f"with has_aux=True the solver must return a pair (θ*, aux); got "
+            f"{type(out).__name__}{length}"
+        )
+    return out[0], out[1]
 
 
 def _implicit_call(
     solver: Callable,
     optimality_fn: Callable,
     fn_name: str,
-    linear_solve: Callable,
-    solve_kw: dict,
-    solve_name: str,
+    vjp_options: dict,
     has_aux: bool,
-    check_finite: bool,
     init: PyTree,
     args: tuple,
     kwargs: dict,
 ):
+    """``solver(init, *args, **kwargs)`` under a ``jax.custom_vjp`` whose backward is :func:`root_vjp`.
+
+    The traced leaves of ``(init, args, kwargs)`` are the custom_vjp's inputs, the static
+    ones are closed over; ``init`` gets zero cotangents.
+    """
     leaves, treedef = jax.tree.flatten((init, args, kwargs))
     n_init = len(jax.tree.leaves(init))
     traced = [i for i, x in enumerate(leaves) if _is_traced(x)]
@@ -245,9 +380,7 @@ def _implicit_call(
 
     def rebuild(init_vals, rest_vals):
         full = list(leaves)
-        for i, v in zip(init_pos, init_vals):
-            full[i] = v
-        for i, v in zip(rest_pos, rest_vals):
+        for i, v in zip(init_pos + rest_pos, [*init_vals, *rest_vals]):
             full[i] = v
         return treedef.unflatten(full)
 
@@ -259,17 +392,7 @@ def _implicit_call(
 
     def run_solver(init_vals, rest_vals):
         i0, a, kw = rebuild(init_vals, rest_vals)
-        out = solver(i0, *a, **kw)
-        if has_aux:
-            if not (isinstance(out, (tuple, list)) and len(out) == 2):
-                raise BilevelInputError(
-                    f"with has_aux=True the solver must return a pair (θ*, aux); got "
-                    f"{type(out).__name__}"
-                    + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
-                )
-            sol, aux = out
-        else:
-            sol, aux = out, None
+        sol, aux = _split_aux(solver(i0, *a, **kw), has_aux)
         _check_solution(sol)
         sol = jax.tree.map(jnp.asarray, sol)
         _check_optimality_output(fn_name, sol, jax.eval_shape(optimality, sol, list(rest_vals)))
@@ -288,36 +411,8 @@ def _implicit_call(
 
     def bwd(res, cot):
         sol, rest_vals = res
-        w = cot[0]
-        _, vjp_theta = jax.vjp(lambda th: optimality(th, rest_vals), sol)
-        u = linear_solve(lambda v: vjp_theta(v)[0], w, **solve_kw)
-
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(u)]))
-        if check_finite:
-            jax.debug.callback(functools.partial(_warn_if_nonfinite, solve_name=solve_name), finite)
-        else:
-            try:
-                ok = bool(finite)
-            except jax.errors.ConcretizationTypeError:  # traced: cannot look at values
-                ok = True
-            if not ok:
-                warnings.warn(_nonfinite_message(solve_name), RuntimeWarning, stacklevel=2)
-
-        diff = [j for j, x in enumerate(rest_vals) if _is_float(x)]
-
-        def f_diff(diff_vals):
-            vals = list(rest_vals)
-            for j, v in zip(diff, diff_vals):
-                vals[j] = v
-            return optimality(sol, vals)
-
-        _, vjp_args = jax.vjp(f_diff, [rest_vals[j] for j in diff])
-        (grads,) = vjp_args(u)
-        rest_cot = [_zero_cotangent(x) for x in rest_vals]
-        for j, g in zip(diff, grads):
-            rest_cot[j] = -g
-        init_cot = [_zero_cotangent(leaves[i]) for i in init_pos]
-        return init_cot, rest_cot
+        (rest_cot,) = root_vjp(optimality, sol, (list(rest_vals),), cot[0], **vjp_options)
+        return [_zero_cotangent(leaves[i]) for i in init_pos], rest_cot
 
     implicit.defvjp(fwd, bwd)
     sol, aux_vals = implicit([leaves[i] for i in init_pos], [leaves[i] for i in rest_pos])
@@ -332,13 +427,32 @@ def _implicit_call(
 # --------------------------------------------------------------------------- API
 
 
+_SOLVE_DOC = """
+      solve: the linear solver for the adjoint system (1), a callable
+        ``solve(matvec, b, *, x0=None, ...)`` such as :func:`bilevel_jax.linalg.solve_cg` or
+        ``functools.partial(linalg.solve_gmres, maxiter=50, tol=1e-8)`` (see the module
+        docstring for which one fits). A bare :mod:`bilevel_jax.linalg` solver gets
+        ``maxiter=`` :data:`DEFAULT_MAXITER`. A name (``"cg"``…) is the deprecated spelling.
+      maxiter: iterations of the adjoint solve; overrides the one bound to ``solve``.
+      has_aux: the solver returns ``(θ*, aux)``; ``aux`` is passed through unchanged (not
+        differentiable).
+      on_nonfinite: what happens when the adjoint solution is NaN/inf: ``"warn"`` (default;
+        a ``RuntimeWarning``, also under ``jit``/``vmap``), ``"raise"`` (``FloatingPointError``)
+        or ``"skip"`` (NaNs propagate silently). The hypergradient is returned either way.
+      solver_kwargs: deprecated; bind the keywords to ``solve`` with ``functools.partial``.
+      check_finite: deprecated; ``True`` is ``on_nonfinite="warn"``, ``False`` is ``"skip"``.
+"""
+
+
 def custom_root(
     optimality_fn: Callable,
     *,
-    solve: str | Callable = "cg",
-    solver_kwargs: dict | None = None,
+    solve: Callable | str = linalg.solve_cg,
+    maxiter: int | None = None,
     has_aux: bool = False,
-    check_finite: bool = False,
+    on_nonfinite: OnNonfinite = "warn",
+    solver_kwargs: dict | None = None,
+    check_finite: bool | None = None,
 ) -> Callable[[Callable], Callable]:
     r"""Decorate ``solver(init, *args, **kwargs) -> θ*`` with an implicit-function VJP.
 
@@ -349,62 +463,54 @@ def custom_root(
 
         dθ*/dλ = −(∂_θF)⁻¹ ∂_λF;   for a cotangent w:  (∂_θF)ᵀ u = w,  λ̄ = −(∂_λF)ᵀ u,
 
-    with the adjoint system solved matrix-free by ``solve``. The solver itself is
-    never differentiated (it may use ``while_loop``, early exits, …). API idea from
-    Blondel et al. 2022 (JAXopt); see the module docstring for argument handling
-    (non-array leaves are static, ``init`` gets a zero cotangent), the choice of
+    computed by :func:`root_vjp` with the adjoint system solved matrix-free by ``solve``.
+    The solver itself is never differentiated (it may use ``while_loop``, early exits, …).
+    API idea from Blondel et al. 2022 (JAXopt); see the module docstring for argument
+    handling (non-array leaves are static, ``init`` gets a zero cotangent), the choice of
     linear solver and the limitations.
 
     Args:
       optimality_fn: ``F(θ, *args, **kwargs)`` returning a pytree shaped like θ,
-        zero at the solution. Must be differentiable in θ and the args.
-      solve: a name in :data:`bilevel_jax.linalg.SOLVERS` (``"cg"``, ``"gmres"``,
-        ``"bicgstab"``, ``"neumann"``, ``"dense"``) or a callable
-        ``solve(matvec, b, *, x0=None, **solver_kwargs)``. ``"cg"`` requires a
-        symmetric definite ``∂_θF`` (true for ``F = ∇_θ L`` at a strict minimum);
-        use ``"gmres"``/``"bicgstab"``/``"dense"`` for non-symmetric F.
-      solver_kwargs: keywords for ``solve`` (``maxiter`` — default
-        :data:`DEFAULT_MAXITER` for named solvers —, ``tol``, ``damping``,
-        ``eta`` for Neumann, ``restart`` for GMRES). Checked now against the
-        solver's signature.
-      has_aux: the solver returns ``(θ*, aux)``; ``aux`` is passed through
-        unchanged (not differentiable).
-      check_finite: also check the adjoint solution for NaN/inf inside
-        ``jit``/``vmap`` (via ``jax.debug.callback``) and warn. Eager backward
-        passes are always checked.
-
+        zero at the solution. Must be differentiable in θ and the args.{solve_doc}
     Returns:
       A decorator. The decorated solver has the signature of ``solver``.
 
     Raises:
-      ValueError: unknown solver name (the message lists the choices).
-      TypeError: ``solver_kwargs`` not accepted by the linear solver.
+      TypeError: ``solve`` is not callable or is given keywords it does not accept.
+      ValueError: unknown (deprecated) solver name or ``on_nonfinite`` value.
       BilevelInputError: (at trace time) the solver's output is not a pytree of
         floating arrays, or ``optimality_fn(θ*, …)`` is not shaped like θ*.
 
-    Example::
-
-        inner = lambda th, lam, X, y: jnp.sum((X @ th - y) ** 2) + lam * th @ th
-
-        @custom_root(jax.grad(inner), solve="cg")
-        def ridge(init, lam, X, y):
-            ...  # any solver, e.g. 500 gradient steps in lax.fori_loop
-            return theta
-
-        jax.grad(lambda lam: outer(ridge(th0, lam, X, y)))(0.1)
+    Example (ridge regression ``θ*(λ) = argmin ‖Xθ − y‖² + λ‖θ‖²`` by gradient descent;
+    the implicit gradient matches the closed form ``−2 θ*ᵀ (XᵀX + λI)⁻¹ θ*`` of ``‖θ*‖²``):
+      >>> import jax.numpy as jnp
+      >>> X, y = jnp.array([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]]), jnp.array([1.0, 2.0, 0.5])
+      >>> inner = lambda th, lam: jnp.sum((X @ th - y) ** 2) + lam * th @ th
+      >>> @custom_root(jax.grad(inner), solve=linalg.solve_cg)
+      ... def ridge(init, lam):
+      ...     step = lambda _, th: th - 0.05 * jax.grad(inner)(th, lam)
+      ...     return jax.lax.fori_loop(0, 500, step, init)
+      >>> g = jax.grad(lambda lam: jnp.sum(ridge(jnp.zeros(2), lam) ** 2))(0.5)
+      >>> A = X.T @ X + 0.5 * jnp.eye(2)
+      >>> th = jnp.linalg.solve(A, X.T @ y)
+      >>> print(round(float(g), 4), round(float(-2 * th @ jnp.linalg.solve(A, th)), 4))
+      -0.8988 -0.8988
     """
+    mode = _nonfinite_mode(on_nonfinite, check_finite, "custom_root")
     return _make_decorator(
-        optimality_fn, "optimality_fn", solve, solver_kwargs, has_aux, check_finite
+        optimality_fn, "optimality_fn", solve, maxiter, solver_kwargs, has_aux, mode
     )
 
 
 def custom_fixed_point(
     fixed_point_fn: Callable,
     *,
-    solve: str | Callable = "gmres",
-    solver_kwargs: dict | None = None,
+    solve: Callable | str = linalg.solve_gmres,
+    maxiter: int | None = None,
     has_aux: bool = False,
-    check_finite: bool = False,
+    on_nonfinite: OnNonfinite = "warn",
+    solver_kwargs: dict | None = None,
+    check_finite: bool | None = None,
 ) -> Callable[[Callable], Callable]:
     r"""Decorate a solver of ``θ* = T(θ*, *args, **kwargs)`` with an implicit VJP.
 
@@ -414,9 +520,23 @@ def custom_fixed_point(
 
         dθ*/dλ = (I − ∂_θT)⁻¹ ∂_λT.
 
-    The default ``solve="gmres"`` because ``∂_θT`` is non-symmetric in general;
-    ``"cg"`` is valid only if ``I − ∂_θT`` is symmetric definite (e.g. the
-    gradient-step map ``T = θ − η∇_θL``). Other arguments as in :func:`custom_root`.
+    The default ``solve=linalg.solve_gmres`` because ``∂_θT`` is non-symmetric in general;
+    CG is valid only if ``I − ∂_θT`` is symmetric definite (e.g. the gradient-step map
+    ``T = θ − η∇_θL``).
+
+    Args:
+      fixed_point_fn: ``T(θ, *args, **kwargs)``, a pytree shaped like θ.{solve_doc}
+    Example (``θ = λ tanh θ + 1`` has ``dθ*/dλ = tanh θ* / (1 − λ sech²θ*)``):
+      >>> import jax.numpy as jnp
+      >>> T = lambda th, lam: lam * jnp.tanh(th) + 1.0
+      >>> @custom_fixed_point(T)
+      ... def fixed_point(init, lam):
+      ...     return jax.lax.fori_loop(0, 100, lambda _, th: T(th, lam), init)
+      >>> lam = jnp.asarray(0.5)
+      >>> th = fixed_point(jnp.zeros(()), lam)
+      >>> g = jax.grad(fixed_point, argnums=1)(jnp.zeros(()), lam)
+      >>> print(round(float(g), 4), round(float(jnp.tanh(th) / (1 - lam / jnp.cosh(th) ** 2)), 4))
+      0.9939 0.9939
     """
     if not callable(fixed_point_fn):
         raise TypeError(f"fixed_point_fn must be callable, got {type(fixed_point_fn).__name__}")
@@ -430,16 +550,36 @@ def custom_fixed_point(
             )
         return jax.tree.map(jnp.subtract, theta, t)
 
+    mode = _nonfinite_mode(on_nonfinite, check_finite, "custom_fixed_point")
     return _make_decorator(
-        optimality_fn, "θ − fixed_point_fn(θ)", solve, solver_kwargs, has_aux, check_finite
+        optimality_fn, "θ − fixed_point_fn(θ)", solve, maxiter, solver_kwargs, has_aux, mode
     )
 
 
-def _make_decorator(optimality_fn, fn_name, solve, solver_kwargs, has_aux, check_finite):
+custom_root.__doc__ = (custom_root.__doc__ or "").replace("{solve_doc}", _SOLVE_DOC)
+custom_fixed_point.__doc__ = (custom_fixed_point.__doc__ or "").replace("{solve_doc}", _SOLVE_DOC)
+
+
+def _nonfinite_mode(on_nonfinite: str, check_finite: bool | None, where: str) -> str:
+    if check_finite is None:
+        return check_mode(on_nonfinite, where)
+    mode = "warn" if check_finite else "skip"
+    warnings.warn(
+        f"{where}(check_finite=...) is deprecated; use on_nonfinite={mode!r} "
+        "(on_nonfinite='warn' | 'raise' | 'skip')",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return mode
+
+
+def _make_decorator(optimality_fn, fn_name, solve, maxiter, solver_kwargs, has_aux, mode):
     if not callable(optimality_fn):
         raise TypeError(f"optimality_fn must be callable, got {type(optimality_fn).__name__}")
-    linear_solve, solve_kw = _prepare_linear_solve(solve, solver_kwargs)
-    solve_name = solve if isinstance(solve, str) else getattr(solve, "__name__", repr(solve))
+    vjp_options = {
+        "solve": _linear_solver(solve, maxiter=maxiter, solver_kwargs=solver_kwargs),
+        "on_nonfinite": mode,
+    }
 
     def decorator(solver: Callable) -> Callable:
         if not callable(solver):
@@ -448,17 +588,7 @@ def _make_decorator(optimality_fn, fn_name, solve, solver_kwargs, has_aux, check
         @functools.wraps(solver)
         def wrapped(init, *args, **kwargs):
             return _implicit_call(
-                solver,
-                optimality_fn,
-                fn_name,
-                linear_solve,
-                solve_kw,
-                solve_name,
-                has_aux,
-                check_finite,
-                init,
-                args,
-                kwargs,
+                solver, optimality_fn, fn_name, vjp_options, has_aux, init, args, kwargs
             )
 
         wrapped.optimality_fn = optimality_fn  # type: ignore[attr-defined]

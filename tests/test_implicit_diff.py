@@ -7,6 +7,7 @@ dθ*/dλ_i = −A⁻¹ e_i θ*_i, so for the validation loss V(θ) = ‖X'θ −
 g = ∇V(θ*): dV/dλ_i = −(A⁻¹g)_i θ*_i.
 """
 
+import functools
 import warnings
 
 import jax
@@ -14,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bilevel_jax import linalg
 from bilevel_jax._checks import BilevelInputError
-from bilevel_jax.implicit_diff import custom_fixed_point, custom_root
+from bilevel_jax.implicit_diff import custom_fixed_point, custom_root, root_vjp
 
 P = 5
 RTOL = 1e-8  # Krylov / dense adjoint solves vs closed form (float64)
@@ -61,10 +63,15 @@ def _neumann_kwargs(lam, X):
 SOLVES = ["cg", "gmres", "bicgstab", "dense"]
 
 
+def _solver(name, **kw):
+    """``bilevel_jax.linalg.solve_<name>`` with ``kw`` bound."""
+    return functools.partial(getattr(linalg, f"solve_{name}"), **kw)
+
+
 def _ridge(solve, solver_kwargs=None):
     kw = {"tol": 1e-13} if solve in ("cg", "gmres", "bicgstab") else {}
     kw.update(solver_kwargs or {})
-    return custom_root(jax.grad(inner_loss), solve=solve, solver_kwargs=kw)(_gd)
+    return custom_root(jax.grad(inner_loss), solve=_solver(solve, **kw))(_gd)
 
 
 def _val_fn(ridge, X, y, Xv, yv):
@@ -150,7 +157,7 @@ def test_pytree_lambda(x64):
     def loss(th, lam, X, y):
         return jnp.sum((X @ th - y) ** 2) + lam["l2"] * jnp.sum((th - lam["center"]) ** 2)
 
-    @custom_root(jax.grad(loss), solve="gmres", solver_kwargs={"tol": 1e-13})
+    @custom_root(jax.grad(loss), solve=_solver("gmres", tol=1e-13))
     def solver(init, lam, X, y):
         step = 1.0 / (2 * (jnp.linalg.norm(X, 2) ** 2 + lam["l2"]))
         body = lambda _, th: th - step * jax.grad(loss)(th, lam, X, y)  # noqa: E731
@@ -188,7 +195,7 @@ def test_keyword_argument_is_differentiated(x64):
     def loss(th, X, y, *, lam):
         return inner_loss(th, lam, X, y)
 
-    @custom_root(jax.grad(loss), solve="bicgstab", solver_kwargs={"tol": 1e-13})
+    @custom_root(jax.grad(loss), solve=_solver("bicgstab", tol=1e-13))
     def solver(init, X, y, *, lam):
         return _gd(init, lam, X, y)
 
@@ -210,7 +217,7 @@ def test_non_differentiable_arguments(x64):
         assert method == "gd" and extra is None  # static values arrive unchanged
         return inner_loss(th, lam, X, y)
 
-    @custom_root(jax.grad(loss), solve="dense")
+    @custom_root(jax.grad(loss), solve=linalg.solve_dense)
     def solver(init, lam, X, y, n_steps, method, extra=None):
         assert method == "gd" and extra is None
         return _gd(init, lam, X, y, n_steps)
@@ -249,7 +256,7 @@ def test_fixed_point_tanh_closed_form(x64, solve, kw):
     """θ = λ·tanh(θ) + c elementwise (|λ| < 1): dθ/dλ = tanh θ / (1 − λ sech²θ)."""
     T = lambda th, lam, c: lam * jnp.tanh(th) + c  # noqa: E731
 
-    @custom_fixed_point(T, solve=solve, solver_kwargs=kw)
+    @custom_fixed_point(T, solve=_solver(solve, **kw))
     def solver(init, lam, c):
         return jax.lax.fori_loop(0, 300, lambda _, th: T(th, lam, c), init)
 
@@ -277,7 +284,7 @@ def test_fixed_point_nonsymmetric_matches_unrolled_autodiff(x64, solve):
         return jax.lax.fori_loop(0, 200, lambda _, t: T(t, lam, c), init)
 
     kw = {"eta": 1.0, "maxiter": 200} if solve == "neumann" else {}
-    solver = custom_fixed_point(T, solve=solve, solver_kwargs=kw)(unrolled)
+    solver = custom_fixed_point(T, solve=_solver(solve, **kw))(unrolled)
 
     outer = lambda f: lambda lam, c: jnp.sum(jnp.sin(f(jnp.zeros(P), lam, c)))  # noqa: E731
     lam = jnp.asarray(0.9)
@@ -293,7 +300,7 @@ def test_fixed_point_nonsymmetric_matches_unrolled_autodiff(x64, solve):
 def test_has_aux_passes_aux_through(x64):
     X, y, Xv, yv = _data()
 
-    @custom_root(jax.grad(inner_loss), solve="cg", has_aux=True, solver_kwargs={"tol": 1e-13})
+    @custom_root(jax.grad(inner_loss), solve=_solver("cg", tol=1e-13), has_aux=True)
     def solver(init, lam, X, y):
         th = _gd(init, lam, X, y)
         gnorm = jnp.linalg.norm(jax.grad(inner_loss)(th, lam, X, y))
@@ -345,7 +352,7 @@ def test_while_loop_solver_becomes_differentiable(x64):
     with pytest.raises(ValueError, match="while_loop"):
         jax.grad(lambda l: jnp.sum(solver(jnp.zeros(P), l, X, y)))(lam)
 
-    decorated = custom_root(jax.grad(inner_loss), solve="cg", solver_kwargs={"tol": 1e-13})(solver)
+    decorated = custom_root(jax.grad(inner_loss), solve=_solver("cg", tol=1e-13))(solver)
     val = lambda l: jnp.sum((Xv @ decorated(jnp.zeros(P), l, X, y) - yv) ** 2)  # noqa: E731
     np.testing.assert_allclose(jax.grad(val)(lam), _closed_grad(lam, X, y, Xv, yv), rtol=RTOL)
     np.testing.assert_allclose(
@@ -354,6 +361,7 @@ def test_while_loop_solver_becomes_differentiable(x64):
 
 
 def test_unknown_solver_name_lists_choices():
+    """The deprecated string path still names the choices for an unknown name."""
     with pytest.raises(ValueError, match="unknown linear solver 'lu'") as e:
         custom_root(jax.grad(inner_loss), solve="lu")
     for name in ("cg", "gmres", "bicgstab", "neumann", "dense"):
@@ -362,9 +370,27 @@ def test_unknown_solver_name_lists_choices():
         custom_fixed_point(lambda t: t, solve="newton")
 
 
-def test_bad_solver_kwargs_are_rejected_early():
-    with pytest.raises(TypeError, match=r"does not accept solver_kwargs \['eta'\]"):
-        custom_root(jax.grad(inner_loss), solve="cg", solver_kwargs={"eta": 0.1})
+def test_bad_solver_keywords_are_rejected_early():
+    with pytest.raises(TypeError, match=r"'solve_cg' does not accept the keywords \['eta'\]"):
+        custom_root(jax.grad(inner_loss), solve=_solver("cg", eta=0.1))
+    with pytest.raises(TypeError, match=r"does not accept the keywords \['maxiter'\]"):
+        custom_root(jax.grad(inner_loss), solve=lambda matvec, b, *, x0=None: b, maxiter=3)
+    with pytest.raises(TypeError, match="solve must be a callable"):
+        custom_root(jax.grad(inner_loss), solve=3)
+    with pytest.raises(ValueError, match="on_nonfinite must be one of"):
+        custom_root(jax.grad(inner_loss), on_nonfinite="ignore")
+
+
+def test_default_adjoint_maxiter():
+    """A bare linalg solver gets DEFAULT_MAXITER; a bound or explicit maxiter wins."""
+    from bilevel_jax.implicit_diff import DEFAULT_MAXITER, _linear_solver
+
+    assert _linear_solver(linalg.solve_cg).keywords == {"maxiter": DEFAULT_MAXITER}
+    assert _linear_solver(_solver("gmres", maxiter=7)).keywords == {"maxiter": 7}
+    assert _linear_solver(_solver("gmres", maxiter=7), maxiter=9)(
+        lambda v: v, jnp.ones(2)
+    ).shape == (2,)
+    assert _linear_solver(linalg.solve_dense) is linalg.solve_dense  # takes no maxiter
 
 
 def test_custom_linear_solver_callable(x64):
@@ -375,11 +401,18 @@ def test_custom_linear_solver_callable(x64):
         calls.append(maxiter)
         return jax.scipy.sparse.linalg.cg(matvec, b, tol=1e-13, maxiter=maxiter)[0]
 
-    ridge = custom_root(jax.grad(inner_loss), solve=my_solve, solver_kwargs={"maxiter": 77})(_gd)
     lam = jnp.asarray(0.7)
-    g = jax.grad(_val_fn(ridge, X, y, Xv, yv))(lam)
-    np.testing.assert_allclose(g, _closed_grad(lam, X, y, Xv, yv), rtol=RTOL)
-    assert calls == [77]
+    for ridge in (
+        custom_root(jax.grad(inner_loss), solve=functools.partial(my_solve, maxiter=77))(_gd),
+        custom_root(jax.grad(inner_loss), solve=my_solve, maxiter=77)(_gd),
+    ):
+        g = jax.grad(_val_fn(ridge, X, y, Xv, yv))(lam)
+        np.testing.assert_allclose(g, _closed_grad(lam, X, y, Xv, yv), rtol=RTOL)
+    assert calls == [77, 77]
+    # a user's own solver keeps its own default maxiter (DEFAULT_MAXITER is for linalg's)
+    ridge = custom_root(jax.grad(inner_loss), solve=my_solve)(_gd)
+    jax.grad(_val_fn(ridge, X, y, Xv, yv))(lam)
+    assert calls == [77, 77, 50]
 
 
 def test_output_structure_mismatch_is_named():
@@ -410,24 +443,77 @@ def _singular_solver(solve, **kw):
 
 
 def test_nonfinite_adjoint_warns_eagerly(x64):
-    f = _singular_solver("dense")
+    f = _singular_solver(linalg.solve_dense)
     with pytest.warns(RuntimeWarning, match="non-finite"):
         g = jax.grad(lambda l: jnp.sum(f(jnp.zeros(3), l)))(jnp.ones(3))
     assert not np.all(np.isfinite(g))
 
 
 def test_nonfinite_adjoint_check_under_jit(x64):
-    f = _singular_solver("cg", check_finite=True)
+    f = _singular_solver(linalg.solve_cg)  # on_nonfinite="warn" is the default
     with pytest.warns(RuntimeWarning, match="non-finite"):
         jax.jit(jax.grad(lambda l: jnp.sum(f(jnp.zeros(3), l))))(jnp.ones(3)).block_until_ready()
         jax.effects_barrier()
-    # a well-posed problem under jit with check_finite=True does not warn
-    ok = custom_root(lambda th, lam: th - lam, solve="cg", check_finite=True)(lambda i, lam: lam)
+    # a well-posed problem under jit does not warn
+    ok = custom_root(lambda th, lam: th - lam)(lambda i, lam: lam)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         g = jax.jit(jax.grad(lambda l: jnp.sum(ok(jnp.zeros(3), l) ** 2)))(jnp.ones(3))
         jax.effects_barrier()
     np.testing.assert_allclose(g, 2 * jnp.ones(3))
+
+
+def test_nonfinite_adjoint_raise_and_skip(x64):
+    grad = lambda f: jax.jit(jax.grad(lambda l: jnp.sum(f(jnp.zeros(3), l))))  # noqa: E731
+    raising = _singular_solver(linalg.solve_cg, on_nonfinite="raise")
+    with pytest.raises(FloatingPointError, match="adjoint solution u"):  # eager
+        jax.grad(lambda l: jnp.sum(raising(jnp.zeros(3), l)))(jnp.ones(3))
+    # under jit the host callback's FloatingPointError reaches the caller wrapped by XLA
+    with pytest.raises(
+        (FloatingPointError, jax.errors.JaxRuntimeError), match="FloatingPointError.*adjoint"
+    ):
+        grad(raising)(jnp.ones(3)).block_until_ready()
+        jax.effects_barrier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = grad(_singular_solver(linalg.solve_cg, on_nonfinite="skip"))(jnp.ones(3))
+        jax.effects_barrier()
+    assert not np.all(np.isfinite(g))
+
+
+# --------------------------------------------------------------------------- root_vjp
+
+
+def test_root_vjp_ridge_closed_form(x64):
+    """root_vjp on its own: F = ∇_θ L at θ* = (XᵀX + λI)⁻¹Xᵀy (λ a vector: diag λ).
+
+    dθ*/dλ_i = −A⁻¹ e_i θ*_i and dθ*/dy = A⁻¹Xᵀ, so for a cotangent w the VJP is
+    λ̄ = −(A⁻¹w) ⊙ θ* and ȳ = X A⁻¹ w (A = XᵀX + diag λ symmetric).
+    """
+    X, y, _, _ = _data()
+    lam = jnp.linspace(0.2, 1.5, P)
+    A = X.T @ X + jnp.diag(lam)
+    theta = jnp.linalg.solve(A, X.T @ y)
+    w = jnp.linspace(-1.0, 2.0, P)
+    F = jax.grad(inner_loss)  # F(θ, λ, X, y) = 2(Aθ − Xᵀy), so ∂_θF = 2A
+    for solve in (linalg.solve_dense, _solver("cg", maxiter=50, tol=1e-14)):
+        g_lam, g_X, g_y = root_vjp(F, theta, (lam, X, y), w, solve=solve)
+        Ainv_w = jnp.linalg.solve(A, w)
+        np.testing.assert_allclose(g_lam, -Ainv_w * theta, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(g_y, X @ Ainv_w, rtol=1e-10, atol=1e-12)
+        # dθ*/dX: A θ = Xᵀy ⇒ X̄ = y (A⁻¹w)ᵀ − X (A⁻¹w θᵀ + θ (A⁻¹w)ᵀ)
+        want_X = jnp.outer(y, Ainv_w) - X @ (jnp.outer(Ainv_w, theta) + jnp.outer(theta, Ainv_w))
+        np.testing.assert_allclose(g_X, want_X, rtol=1e-10, atol=1e-12)
+    # jit-able, and equal to custom_root's backward pass
+    jitted = jax.jit(lambda *a: root_vjp(F, *a, solve=linalg.solve_dense))(theta, (lam, X, y), w)
+    np.testing.assert_allclose(jitted[0], -jnp.linalg.solve(A, w) * theta, rtol=1e-10)
+
+
+def test_root_vjp_integer_args_get_float0(x64):
+    F = lambda th, a, n: th - a * n  # noqa: E731
+    g_a, g_n = root_vjp(F, jnp.ones(2) * 3, (jnp.ones(2), jnp.asarray(3)), jnp.ones(2))
+    np.testing.assert_allclose(g_a, 3 * jnp.ones(2))
+    assert g_n.dtype == jax.dtypes.float0
 
 
 def test_float32_default_precision():

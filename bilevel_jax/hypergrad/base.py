@@ -17,7 +17,6 @@ constructor call and is deterministic, so results can record ``repr(method)``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -135,17 +134,6 @@ class HypergradMethod(Protocol):
     ) -> tuple[Hypergrad, PyTree]: ...
 
 
-def _repr_value(x: Any) -> str:
-    """``repr`` without memory addresses: functions by name, partials as ``partial(f, k=v)``."""
-    if isinstance(x, functools.partial):
-        parts = [_repr_value(x.func), *map(_repr_value, x.args)]
-        parts += [f"{k}={_repr_value(v)}" for k, v in x.keywords.items()]
-        return f"partial({', '.join(parts)})"
-    if callable(x) and not isinstance(x, type) and hasattr(x, "__name__"):
-        return x.__name__
-    return repr(x)
-
-
 class MethodBase:
     """Defaults of the :class:`HypergradMethod` contract shared by the built-in methods.
 
@@ -176,7 +164,9 @@ class MethodBase:
 
     def __repr__(self) -> str:
         fields = dataclasses.fields(self)  # type: ignore[arg-type]
-        args = ", ".join(f"{f.name}={_repr_value(getattr(self, f.name))}" for f in fields if f.repr)
+        args = ", ".join(
+            f"{f.name}={_checks.callable_repr(getattr(self, f.name))}" for f in fields if f.repr
+        )
         return f"{type(self).__name__}({args})"
 
 
