@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 # Each python block is identified by a line it contains; every block must be one of these.
@@ -116,3 +117,23 @@ def test_checkpointer_as_written_works_in_a_clean_interpreter(tmp_path):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+DOC_BLOCKS = [
+    (page.name, i, block)
+    for page in sorted((ROOT / "docs").glob("*.md"))
+    for i, block in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), re.S))
+]
+
+
+@pytest.mark.parametrize("page, i, block", DOC_BLOCKS, ids=[f"{p}-{i}" for p, i, _ in DOC_BLOCKS])
+def test_docs_python_blocks_run_and_print_what_the_page_says(page, i, block):
+    """Each python block of docs/ is a whole program (some set x64 or fake devices, so each runs in
+    its own process); every line it prints must appear on its page."""
+    r = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = (ROOT / "docs" / page).read_text()
+    printed = [line.strip() for line in r.stdout.splitlines() if line.strip()]
+    assert printed, "the block prints nothing to check"
+    missing = [line for line in printed if line not in text]
+    assert not missing, f"{page} block {i} printed lines its page does not show: {missing}"
