@@ -1,7 +1,10 @@
 r"""Cost of every hypergradient method against plain training: compiled memory, FLOPs, time, throughput.
 
     python -m experiments.benchmark [--quick] [--models NAME ...] [--methods NAME ...]
-                                    [--timed N] --json PATH
+                                    [--timed N] [--timed-e2e N] [--json PATH]
+
+(Nothing is trained: ``--seeds``, ``--base-steps`` and ``--meta-steps`` are rejected. The batches
+and initialisations are fixed, seed 0; a meta step always follows K = 10 base steps.)
 
 The problem is data reweighting (the main job's): a base model trained with Adam on a
 Meta-Weight-Net-weighted cross entropy, ``L_b = Σ w_i ℓ_i / Σ w_i`` with ``w_i = MWN_λ(sg ℓ_i)``
@@ -13,9 +16,9 @@ classes, for the transformer: 2 pre-LN blocks, width 128, 4 heads).
 Per model, compiled with ``jax.jit`` (``donate_argnums`` on the carried state, as in a training
 loop) and measured in **one process**:
 
-* ``plain``: one plain training step (uniform cross entropy, Adam);
-* each method: one meta step — the hypergradient from the state after a base step plus the meta
-  optimizer's update of λ (and of the method's state).
+* ``plain``: one plain training step (uniform cross entropy, Adam; :func:`bilevel_jax.base_step`);
+* each method: one meta step — :meth:`bilevel_jax.BilevelStep.meta_phase` from the state after a
+  base step: the hypergradient plus the meta optimizer's update of λ (and of the method's state).
 
 Figures per (model, method): ``temp_bytes`` (XLA ``memory_analysis().temp_size_in_bytes``),
 ``flops`` (``cost_analysis()["flops"]``), ``ms_median`` (median of ``--timed`` ≥ 20 calls after
@@ -37,17 +40,13 @@ finite difference; see ``bilevel_jax/loop.py``).
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
-import json
 import os
-import pathlib
-import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -58,25 +57,26 @@ from flax import nnx
 
 import bilevel_jax as bj
 from experiments import data as data_lib
-from experiments import noisy_labels_demo as nl
+from experiments import harness
+from experiments.models import MLP, ByteTransformer, MetaWeightNet, ReweightLosses, split
 
 K = 10  # base steps per meta step
 BATCH = 256
 
-METHODS: dict[str, tuple[Callable[[], Any], Any]] = {
-    "sama": (lambda: bj.sama(1.0, adapt_from="last"), None),
-    "sama_na": (lambda: bj.sama_na(1.0), None),
-    "darts": (lambda: bj.darts(), None),
-    "neumann": (lambda: bj.neumann(5), None),
-    "cg": (lambda: bj.cg(5), None),
-    "itd": (lambda: bj.itd(10), None),
-    "soba": (lambda: bj.soba(), None),
-    "dds": (lambda: bj.dds(), None),
-    "sama_vmap": (lambda: bj.sama(1.0, adapt_from="last", difference="vmap"), None),
-    "sama_fresh": (lambda: bj.sama(1.0, adapt_from="fresh"), None),
-    "sama_bf16": (lambda: bj.sama(1.0, adapt_from="last"), jnp.bfloat16),
+METHODS: dict[str, tuple[Any, Any]] = {
+    "sama": (bj.sama(alpha=1.0, adapt_from="last"), None),
+    "sama_na": (bj.sama_na(alpha=1.0), None),
+    "darts": (bj.darts(), None),
+    "neumann": (bj.neumann(maxiter=5), None),
+    "cg": (bj.cg(maxiter=5), None),
+    "itd": (bj.itd(unroll=10), None),
+    "soba": (bj.soba(), None),
+    "dds": (bj.dds(), None),
+    "sama_vmap": (bj.sama(alpha=1.0, adapt_from="last", difference="vmap"), None),
+    "sama_fresh": (bj.sama(alpha=1.0, adapt_from="fresh"), None),
+    "sama_bf16": (bj.sama(alpha=1.0, adapt_from="last"), jnp.bfloat16),
 }
-"""name -> (method factory, compute dtype of the meta step's losses or None)."""
+"""name -> (method, compute dtype of the meta step's losses or None)."""
 
 RESULT_KEYS = (
     "temp_bytes",
@@ -90,45 +90,7 @@ RESULT_KEYS = (
 
 
 # ----------------------------------------------------------------------------------------------
-# Models
-
-
-class ByteTransformer(nnx.Module):
-    """A small pre-LayerNorm transformer classifier over byte sequences (mean-pooled)."""
-
-    def __init__(
-        self,
-        *,
-        seq: int,
-        classes: int,
-        dim: int = 128,
-        heads: int = 4,
-        layers: int = 2,
-        rngs: nnx.Rngs,
-    ):
-        self.embed = nnx.Embed(256, dim, rngs=rngs)
-        self.pos = nnx.Param(jax.random.normal(rngs.params(), (seq, dim)) * 0.02)
-        self.blocks = nnx.List(
-            [
-                nnx.Dict(
-                    ln1=nnx.LayerNorm(dim, rngs=rngs),
-                    attn=nnx.MultiHeadAttention(heads, dim, decode=False, rngs=rngs),
-                    ln2=nnx.LayerNorm(dim, rngs=rngs),
-                    fc1=nnx.Linear(dim, 4 * dim, rngs=rngs),
-                    fc2=nnx.Linear(4 * dim, dim, rngs=rngs),
-                )
-                for _ in range(layers)
-            ]
-        )
-        self.ln = nnx.LayerNorm(dim, rngs=rngs)
-        self.head = nnx.Linear(dim, classes, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.embed(x) + self.pos[...]
-        for b in self.blocks:
-            h = h + b["attn"](b["ln1"](h))
-            h = h + b["fc2"](jax.nn.gelu(b["fc1"](b["ln2"](h))))
-        return self.head(self.ln(h).mean(axis=1))
+# Models (experiments.models)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,16 +102,14 @@ class ModelSpec:
 
 
 MODELS = {
-    "mlp_256": ModelSpec(
-        "mlp_256", lambda ds: nl.MLP((784, 256, 256, 10), rngs=nnx.Rngs(0)), "mnist"
-    ),
+    "mlp_256": ModelSpec("mlp_256", lambda ds: MLP((784, 256, 256, 10), rngs=nnx.Rngs(0)), "mnist"),
     "mlp_1024": ModelSpec(
-        "mlp_1024", lambda ds: nl.MLP((784, 1024, 1024, 10), rngs=nnx.Rngs(0)), "mnist"
+        "mlp_1024", lambda ds: MLP((784, 1024, 1024, 10), rngs=nnx.Rngs(0)), "mnist"
     ),
     # batch 64 keeps the full run's ITD/CG/Neumann timings of this model within minutes on 2 cores
     "mlp_10m": ModelSpec(
         "mlp_10m",
-        lambda ds: nl.MLP((784, 2048, 2048, 2048, 10), rngs=nnx.Rngs(0)),
+        lambda ds: MLP((784, 2048, 2048, 2048, 10), rngs=nnx.Rngs(0)),
         "mnist",
         batch=64,
     ),
@@ -167,24 +127,11 @@ QUICK_MODELS = ("mlp_256", "mlp_1024")
 # The functions measured
 
 
-def _cast(tree, dtype):
-    return jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
-    )
-
-
-def _in_dtype(loss, dtype):
-    """``loss`` evaluated on θ, λ and batch cast to ``dtype``, returning float32."""
-    if dtype is None:
-        return loss
-    return lambda th, lam, b: loss(*_cast((th, lam, b), dtype)).astype(jnp.float32)
-
-
 @dataclasses.dataclass
 class Problem:
     """One model's bilevel problem, its initial state and its batches."""
 
-    losses: nl.Losses
+    losses: ReweightLosses
     theta: Any
     lam: Any
     base_tx: optax.GradientTransformation
@@ -198,10 +145,10 @@ class Problem:
 def make_problem(spec: ModelSpec, datasets: dict) -> Problem:
     ds = datasets[spec.data]
     model = spec.build(ds)
-    mwn = nl.MetaWeightNet(100, rngs=nnx.Rngs(1))
-    model_def, theta = nl._split(model)
-    mwn_def, lam = nl._split(mwn)
-    losses = nl.Losses(model_def, mwn_def)
+    mwn = MetaWeightNet(100, rngs=nnx.Rngs(1))
+    model_def, theta = split(model)
+    mwn_def, lam = split(mwn)
+    losses = ReweightLosses(model_def, mwn_def)
     rng = np.random.default_rng(0)
     idx = rng.permutation(len(ds.y))
     b = spec.batch
@@ -223,55 +170,50 @@ def make_problem(spec: ModelSpec, datasets: dict) -> Problem:
 
 
 def plain_step(p: Problem):
+    """One plain (uniform-weight) training step, :func:`bilevel_jax.base_step`."""
+
     def step(theta, s, batch):
-        g = jax.grad(p.losses.plain)(theta, batch)
-        upd, s = p.base_tx.update(g, s, theta)
-        return optax.apply_updates(theta, upd), s
+        r = bj.base_step(p.losses.plain, p.base_tx, theta, s, batch)
+        return r.params, r.opt_state
 
     return step, (p.theta, p.base_tx.init(p.theta), p.batch)
 
 
-def base_step(p: Problem):
-    """A weighted base step that also returns what SAMA's ``adapt_from="last"`` keeps."""
-
-    def step(theta, s, lam, batch):
-        g = jax.grad(p.losses.base)(theta, lam, batch)
-        upd, s_new = p.base_tx.update(g, s, theta)
-        return optax.apply_updates(theta, upd), s_new, g, s
-
-    return step, (p.theta, p.base_tx.init(p.theta), p.lam, p.batch)
+def bilevel(p: Problem, method, dtype=None) -> bj.BilevelStep:
+    """The library's bilevel step of ``p`` with ``method`` (meta-step losses in ``dtype``)."""
+    return bj.bilevel_step(
+        p.losses.base, p.losses.meta, p.base_tx, p.meta_tx, method, meta_compute_dtype=dtype
+    )
 
 
 def after_base_step(p: Problem) -> tuple:
-    """(θ, s, last_g, last_s): the state after one weighted base step, the meta step's input."""
-    bstep, bargs = base_step(p)
-    return jax.jit(bstep)(*bargs)
+    """(θ, s, last_g, last_s): the state after one weighted base step (the library's
+    :meth:`~bilevel_jax.BilevelStep.base_phase`), the meta step's input."""
+    step = bilevel(p, bj.sama())
+    batches = jax.tree.map(lambda x: x[None], p.batch)
+    state, base = jax.jit(step.base_phase)(step.init(p.theta, p.lam), batches)
+    return state.base_params, state.base_opt_state, base.last_grad, base.last_opt_state
+
+
+META_DONATE = (0,)
+"""The arguments of :func:`meta_step`'s function that are donated (the bilevel state)."""
 
 
 def meta_step(p: Problem, method, dtype=None, after: tuple | None = None):
-    problem = bj.BilevelProblem(
-        _in_dtype(p.losses.base, dtype), _in_dtype(p.losses.meta, dtype), p.base_tx
-    )
+    """``(fn, args)``: one meta step, :meth:`bilevel_jax.BilevelStep.meta_phase` (the method's
+    hypergradient plus the meta optimizer's update of λ and of the method's state), from the
+    state after a base step; ``fn(*args)`` returns the new state and the meta loss."""
+    step = bilevel(p, method, dtype)
 
-    def step(lam, meta_s, method_state, theta, s, last_g, last_s, batch, meta_batch):
-        inputs = bj.BilevelInputs(theta, lam, s, batch, meta_batch, last_g, last_s)
-        hg, method_state = method.hypergrad(problem, inputs, method_state)
-        upd, meta_s = p.meta_tx.update(hg.meta_grad, meta_s, lam)
-        return optax.apply_updates(lam, upd), meta_s, method_state, hg.meta_loss
+    def fn(state, last_grad, last_opt_state, batch, meta_batch):
+        state, hg = step.meta_phase(
+            state, batch, meta_batch, last_grad=last_grad, last_opt_state=last_opt_state
+        )
+        return state, hg.meta_loss
 
     theta, s, last_g, last_s = after if after is not None else after_base_step(p)
-    args = (
-        p.lam,
-        p.meta_tx.init(p.lam),
-        method.init(p.theta, p.lam),
-        theta,
-        s,
-        last_g,
-        last_s,
-        p.batch,
-        p.meta_batch,
-    )
-    return step, args
+    state = step.init(p.theta, p.lam)._replace(base_params=theta, base_opt_state=s)
+    return fn, (state, last_g, last_s, p.batch, p.meta_batch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,14 +291,11 @@ def bench_model(
     # module on one thread and releases the GIL), then time them one at a time.
     jobs, after = {}, after_base_step(p)
     for name in methods:
-        factory, dtype = METHODS[name]
-        method = factory()
+        method, dtype = METHODS[name]
         fn, margs = meta_step(p, method, dtype, after)
-        jobs[name, "meta"] = (fn, margs, (0, 1, 2))
+        jobs[name, "meta"] = (fn, margs, META_DONATE)
         # end to end: the library's bilevel step, K base steps + 1 meta step
-        step = bj.bilevel_step(
-            p.losses.base, p.losses.meta, p.base_tx, p.meta_tx, method, meta_compute_dtype=dtype
-        )
+        step = bilevel(p, method, dtype)
         jobs[name, "e2e"] = (step, (step.init(p.theta, p.lam), batches, p.meta_batch), (0,))
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         futures = {
@@ -435,7 +374,7 @@ def goals(result: dict) -> dict:
     """The issue's cost goals for SAMA, per model (measured figure and whether it is met)."""
     g = {}
     for model, r in result.items():
-        if model.startswith("_"):
+        if model not in MODELS:
             continue
         s = r.get("sama")
         if s is None:
@@ -468,13 +407,18 @@ def run(
     timed: int,
     timed_e2e: int,
     progress: bool = True,
+    run: harness.Run | None = None,
 ) -> dict:
+    """Benchmark every model and method; ``run`` records the data files read."""
     needs = {MODELS[m].data for m in models}
     datasets = {}
     if "mnist" in needs:
         datasets["mnist"] = data_lib.load_mnist5k()
     if "bytes" in needs:
         datasets["bytes"] = data_lib.load_stdlib_bytes(window=64)
+    for ds in datasets.values():
+        if run is not None:
+            run.data(ds.source)
     t0 = time.perf_counter()
     result: dict[str, Any] = {}
     for m in models:
@@ -487,11 +431,11 @@ def run(
         "timed_calls": timed,
         "timed_calls_end_to_end": timed_e2e,
         "K": K,
-        "device": str(jax.devices()[0]),
-        "platform": jax.default_backend(),
-        "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
-        "python": platform.python_version(),
+        "hypergrad": {name: repr(METHODS[name][0]) for name in methods},
+        "meta_compute_dtype": {
+            name: None if METHODS[name][1] is None else jnp.dtype(METHODS[name][1]).name
+            for name in methods
+        },
         "wall_s": time.perf_counter() - t0,
     }
     return result
@@ -504,7 +448,7 @@ def run(
 def table(result: dict) -> str:
     lines = []
     for model, r in result.items():
-        if model.startswith("_"):
+        if model not in MODELS:
             continue
         info = r["_model"]
         lines.append(
@@ -533,7 +477,7 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = [m for m in result if not m.startswith("_")]
+    models = [m for m in result if m in MODELS]
     methods = [k for k in result[models[0]] if not k.startswith("_") and k != "base"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
     colors = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
@@ -576,29 +520,35 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--quick", action="store_true", help="the two small MLPs only (< 2 min on 2 cores)"
-    )
-    p.add_argument("--models", nargs="+", choices=list(MODELS), default=None)
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    p.add_argument(
-        "--timed", type=int, default=20, help="timed calls per function (after 2 warm-up)"
-    )
-    p.add_argument(
-        "--timed-e2e",
-        type=int,
-        default=None,
-        help="timed calls of the whole bilevel step and of K plain steps (throughput; "
-        "default 10, 3 with --quick)",
-    )
-    p.add_argument("--json", default=None, help="write the results here (and a PNG beside it)")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+CLI = harness.StudyCLI(
+    "benchmark",
+    __doc__,
+    quick="the two small MLPs only, 3 end-to-end calls (about 2 min on 2 cores)",
+    seeds=harness.Unused("the batches and initialisations are fixed (seed 0); nothing is trained"),
+    base_steps=harness.Unused(f"nothing is trained; a bilevel step is always K = {K} base steps"),
+    meta_steps=harness.Unused("nothing is trained; each program is timed --timed times"),
+)
+CLI.add_argument("--models", nargs="+", choices=list(MODELS), default=None)
+CLI.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+CLI.add_argument("--timed", type=int, default=20, help="timed calls per function (after 2 warm-up)")
+CLI.add_argument(
+    "--timed-e2e",
+    type=int,
+    default=None,
+    help="timed calls of the whole bilevel step and of K plain steps (throughput; "
+    "default 10, 3 with --quick)",
+)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Command line (module docstring): benchmark and write the results."""
+    args = CLI.parse(argv)
+    run_ = harness.Run(args)
     models = tuple(args.models or (QUICK_MODELS if args.quick else MODELS))
     timed_e2e = args.timed_e2e if args.timed_e2e is not None else (3 if args.quick else 10)
-    result = run(models, tuple(args.methods), args.timed, timed_e2e, progress=not args.no_progress)
+    result = run(
+        models, tuple(args.methods), args.timed, timed_e2e, progress=run_.progress, run=run_
+    )
     print(table(result))
     for model, g in result["_goals"].items():
         print(
@@ -607,14 +557,8 @@ def main(argv: list[str] | None = None) -> dict:
             if "value" not in g
             else (round(g["value"], 3), g["met"]),
         )
-    if args.json:
-        path = pathlib.Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1) + "\n")
-        plot(result, str(path.with_suffix(".png")))
-        print(f"wrote {path} and {path.with_suffix('.png')}")
-    return result
+    return run_.finish(result, plot, records=())
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

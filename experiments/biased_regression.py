@@ -36,13 +36,15 @@ within ~1e-5 relative of w*(λ_t)); 100 meta steps of Adam(lr = 10) from λ_0 = 
 The meta objective is badly scaled: λ only moves w through βA⁻¹ (≈ 2e-4·I), so the meta-gradient
 is ~1e-4 while λ* has norm ~1e3. Adam's scale invariance absorbs this; its lr is in λ's units.
 
-Method settings (the step sizes are computed from the spectrum of H, written to the JSON):
+Methods (:func:`make_methods`; the step sizes are computed from the spectrum of H, and the
+``repr`` of every method object is written to the JSON):
 
 * ``sama`` / ``sama_na``: ``bj.sama(α)`` / ``bj.sama_na(α)``, α = 1; ``darts``: ``bj.darts()``
   (SAMA-NA with α = 0.01);
-* ``neumann``: ``bj.neumann(k=10, eta=1/λ_max(H))`` (needs η < 2/λ_max; the error factor is
-  (1 − λ_min/λ_max)^{k+1} ≈ 0.03);
-* ``cg``: ``bj.cg(50)`` (50 = d, enough for CG in exact arithmetic; tol 1e-10 stops it earlier);
+* ``neumann``: ``bj.neumann(10, eta=1/λ_max(H))`` (needs η < 2/λ_max; the error factor is
+  (1 − λ_min/λ_max)^{k+1} ≈ 0.03 for k = 10 terms);
+* ``cg``: ``bj.cg(maxiter=50)`` (50 iterations = d, enough for CG in exact arithmetic; tol 1e-10 stops it
+  earlier);
 * ``exact``: ``bj.exact()`` (dense H from d vmapped HVPs, direct solve);
 * ``itd``: ``bj.itd(unroll=5)`` through 5 SGD steps from the current w (a short unroll: w₀ is
   treated as constant, so this is a 4-term Neumann series with η = base_lr, error ≈ 0.61⁵);
@@ -84,17 +86,18 @@ z can even point the wrong way (cos < 0 at a few steps); with Adam lr 3 its cos_
 
 Run::
 
-    python -m experiments.biased_regression --json experiments/results/biased_regression.json
+    python -m experiments.biased_regression [--quick] [--meta-steps T] [--json PATH]
+
+Base steps per run (``--base-steps``) are ``K · meta_steps`` (K = ``Config.meta_interval``);
+``--quick`` takes the same trajectory with 30 instead of 300 timed calls per method.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
-import os
-import sys
 import time
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -106,7 +109,8 @@ from jax import lax
 
 import bilevel_jax as bj
 from bilevel_jax.hypergrad import BilevelInputs, BilevelProblem
-from experiments._io import save_results
+from experiments import harness
+from experiments.harness import Recipe
 
 __all__ = [
     "METHODS",
@@ -139,7 +143,7 @@ class Config:
     noise_std: float = 0.5
     beta: float = 0.1
     base_lr: float = 0.4  # optax.sgd; stable below 2/λ_max(2A/n) ≈ 0.58 for n=500, d=50
-    base_steps: int = 20  # K: SGD steps between meta steps (warm start, w never reset)
+    meta_interval: int = 20  # K: SGD steps between meta steps (warm start, w never reset)
     meta_steps: int = 100
     # optax.adam on λ. λ* has norm ~1.1e3 (~160 per coordinate) and Adam moves each coordinate by
     # at most ~meta_lr per step, so the step is in λ's units; swept {1,2,3,5,8,10,20} on seed 0.
@@ -147,12 +151,7 @@ class Config:
     meta_b1: float = 0.9
     meta_b2: float = 0.999
     meta_eps: float = 1e-8
-    alpha: float = 1.0  # SAMA's ε = α/‖v‖ (the paper's default)
-    # Method settings. Neumann's η and SOBA's ρ are step_frac/λ_max(H), H = 2A/n (needs < 2/λ_max).
-    darts_alpha: float = 0.01
-    neumann_k: int = 10
-    cg_k: int = 50
-    itd_unroll: int = 5
+    # Neumann's η and SOBA's ρ are step_frac/λ_max(H), H = 2A/n (needs < 2/λ_max).
     step_frac: float = 1.0
     # Cost measurement: median of timed calls after warm-up, compiled memory.
     timing_calls: int = 300
@@ -231,22 +230,27 @@ def base_hessian_eigs(x, beta) -> tuple[float, float]:
     return float(ev[0]), float(ev[-1])
 
 
-def make_methods(cfg: Config, lam_max: float) -> dict[str, tuple[Any, str]]:
-    """``{name: (method, description)}`` for every name in :data:`METHODS`."""
+def make_methods(cfg: Config, lam_max: float) -> dict[str, Any]:
+    """``{name: method}`` for every name in :data:`METHODS` (α = 1 is the paper's default)."""
     step = cfg.step_frac / lam_max
     return {
-        "sama": (bj.sama(cfg.alpha), f"bj.sama(alpha={cfg.alpha})"),
-        "sama_na": (bj.sama_na(cfg.alpha), f"bj.sama_na(alpha={cfg.alpha})"),
-        "darts": (bj.darts(cfg.darts_alpha), f"bj.darts(alpha={cfg.darts_alpha})"),
-        "neumann": (
-            bj.neumann(cfg.neumann_k, step),
-            f"bj.neumann(k={cfg.neumann_k}, eta={step:.4g})  # eta = {cfg.step_frac}/lambda_max(H)",
-        ),
-        "cg": (bj.cg(cfg.cg_k), f"bj.cg(k={cfg.cg_k})  # tol 1e-10, no damping, cold start"),
-        "exact": (bj.exact(), "bj.exact()  # dense H, direct solve"),
-        "itd": (bj.itd(cfg.itd_unroll), f"bj.itd(unroll={cfg.itd_unroll})  # SGD lr {cfg.base_lr}"),
-        "soba": (bj.soba(step), f"bj.soba(rho={step:.4g})  # rho = {cfg.step_frac}/lambda_max(H)"),
-        "dds": (bj.dds(), f"bj.dds()  # one SGD step, lr {cfg.base_lr}"),
+        "sama": bj.sama(alpha=1.0),
+        "sama_na": bj.sama_na(alpha=1.0),
+        "darts": bj.darts(alpha=0.01),
+        "neumann": bj.neumann(maxiter=10, eta=step),
+        "cg": bj.cg(maxiter=50),
+        "exact": bj.exact(),
+        "itd": bj.itd(unroll=5),
+        "soba": bj.soba(rho=step),
+        "dds": bj.dds(),
+    }
+
+
+def optimizers(cfg: Config) -> dict[str, Recipe]:
+    """The base optimizer and the meta optimizer chained after ``bj.meta_grad`` (recipes)."""
+    return {
+        "base": Recipe(optax.sgd, cfg.base_lr),
+        "meta": Recipe(optax.adam, cfg.meta_lr, b1=cfg.meta_b1, b2=cfg.meta_b2, eps=cfg.meta_eps),
     }
 
 
@@ -260,13 +264,13 @@ def _cos(a, b):
 @partial(jax.jit, static_argnames=("cfg", "method"))
 def _run_scan(cfg: Config, method, x, y, xm, ym, lam_star):
     base_loss, meta_loss = make_losses(cfg.beta)
-    base_tx = optax.sgd(cfg.base_lr)
+    opt = optimizers(cfg)
+    base_tx = opt["base"]()
     problem = BilevelProblem(base_loss, meta_loss, base_tx)
     w0 = jnp.zeros(x.shape[1], x.dtype)
     lam0 = jnp.zeros(x.shape[1], x.dtype)
     meta_tx = optax.chain(
-        bj.meta_grad(base_loss, meta_loss, base_tx, method, base_params=w0),
-        optax.adam(cfg.meta_lr, b1=cfg.meta_b1, b2=cfg.meta_b2, eps=cfg.meta_eps),
+        bj.meta_grad(base_loss, meta_loss, base_tx, method, base_params=w0), opt["meta"]()
     )
     base_batch, meta_batch = (x, y), (xm, ym)
     a_chol = jax.scipy.linalg.cho_factor(_a_matrix(x, cfg.beta), lower=True)
@@ -283,13 +287,14 @@ def _run_scan(cfg: Config, method, x, y, xm, ym, lam_star):
 
     def base_step(carry, _):
         w, s, lam = carry
-        g = jax.grad(base_loss)(w, lam, base_batch)
-        upd, s = base_tx.update(g, s, w)
-        return (optax.apply_updates(w, upd), s, lam), None
+        r = bj.base_step(
+            base_loss, base_tx, w, s, lam, base_batch, check_finite=harness.PLAIN_CHECK_FINITE
+        )
+        return (r.params, r.opt_state, lam), None
 
     def meta_step(carry, _):
         w, s, lam, ms = carry
-        (w, s, _), _ = lax.scan(base_step, (w, s, lam), None, length=cfg.base_steps)
+        (w, s, _), _ = lax.scan(base_step, (w, s, lam), None, length=cfg.meta_interval)
         # The hypergradient the transform computes: same inputs, the transform's method state.
         inputs = BilevelInputs(w, lam, s, base_batch, meta_batch)
         hg = method.hypergrad(problem, inputs, ms[0].method_state)[0].meta_grad
@@ -360,7 +365,7 @@ def measure_cost(cfg: Config, methods: dict[str, Any], data: dict) -> dict[str, 
     called with x64 enabled.
     """
     base_loss, meta_loss = make_losses(cfg.beta)
-    base_tx = optax.sgd(cfg.base_lr)
+    base_tx = optimizers(cfg)["base"]()
     problem = BilevelProblem(base_loss, meta_loss, base_tx)
     x, y, xm, ym = (jnp.asarray(data[k], jnp.float64) for k in ("x", "y", "xm", "ym"))
     lam = jnp.zeros(cfg.d, jnp.float64)
@@ -416,42 +421,25 @@ def run_experiment(cfg: Config = Config()) -> dict[str, Any]:
         methods = make_methods(cfg, h_max)
         out: dict[str, Any] = {}
         for name in METHODS:
-            out[name] = run_method(cfg, methods[name][0], data, lam_star)
+            out[name] = run_method(cfg, methods[name], data, lam_star)
             out[name]["meta_loss_optimal"] = opt_loss
-            out[name]["settings"] = methods[name][1]
-        cost = measure_cost(cfg, {k: methods[k][0] for k in METHODS}, data)
+            out[name]["settings"] = repr(methods[name])
+        cost = measure_cost(cfg, {k: methods[k] for k in METHODS}, data)
         for name in METHODS:
             out[name].update(cost[name])
     out["config"] = {
-        **dataclasses.asdict(cfg),
-        "base_optimizer": f"optax.sgd({cfg.base_lr})",
-        "meta_optimizer": (
-            f"optax.chain(bj.meta_grad(..., method, base_params=w_0), optax.adam({cfg.meta_lr}, "
-            f"b1={cfg.meta_b1}, b2={cfg.meta_b2}, eps={cfg.meta_eps}))"
-        ),
-        "methods": {name: methods[name][1] for name in METHODS},
+        **harness.to_json(cfg),
+        "base_steps": cfg.meta_interval * cfg.meta_steps,
+        "optimizers": {k: repr(v) for k, v in optimizers(cfg).items()},
+        "methods": {name: repr(methods[name]) for name in METHODS},
         "base_hessian_eig_min": h_min,
         "base_hessian_eig_max": h_max,
         "neumann_eta": cfg.step_frac / h_max,
         "soba_rho": cfg.step_frac / h_max,
-        "sama_options": "adapt_from='fresh', difference='vmap', base_step=False (library defaults)",
-        "cost_measurement": (
-            "jax.jit(method.hypergrad on BilevelInputs(w*(0), 0, sgd.init, (X,y), (X',y')), "
-            "fresh method state); median of timing_calls interleaved calls after timing_warmup, "
-            "block_until_ready, gc off; temp_bytes = compiled.memory_analysis().temp_size_in_bytes"
-        ),
-        "device": f"{jax.devices()[0].platform.upper()} ({os.cpu_count()} cores)",
-        "losses": "L_b = (||Xw-y||^2 + beta||w-lam||^2)/n, L_m = ||X'w-y'||^2/n' (both scaled by 1/n)",
-        "init": "w_0 = 0, lam_0 = 0; full batch; w warm-started across meta steps",
         "dtype": "float64",
         "lambda_star_norm": float(np.linalg.norm(lam_star)),
         "closed_form_grad_norm_at_lambda_star": float(np.linalg.norm(g_star)),
         "closed_form_grad_norm_at_lambda_0": float(np.linalg.norm(g_zero)),
-        "versions": {
-            "jax": jax.__version__,
-            "optax": optax.__version__,
-            "python": sys.version.split()[0],
-        },
     }
     return out
 
@@ -520,8 +508,9 @@ def write_png(result: dict[str, Any], path: str) -> None:
     ax3.grid(alpha=0.3, axis="y")
     c = result["config"]
     fig.suptitle(
-        f"Biased regression (n={c['n']}, d={c['d']}, beta={c['beta']}, float64): SGD lr={c['base_lr']}, "
-        f"K={c['base_steps']}, Adam lr={c['meta_lr']}, seed={c['seed']}; timings on {c['device']}",
+        f"Biased regression (n={c['n']}, d={c['d']}, beta={c['beta']}, float64): "
+        f"SGD lr={c['base_lr']}, K={c['meta_interval']}, Adam lr={c['meta_lr']}, "
+        f"seed={c['seed']}; timings on {result['provenance']['device']['platform'].upper()}",
         fontsize=10,
     )
     fig.legend(loc="lower center", ncol=5, fontsize=9, frameon=False)
@@ -545,30 +534,39 @@ def _summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--json", required=True, help="where to write the results")
-    p.add_argument("--png", default=None, help="figure path (default: the JSON path with .png)")
-    p.add_argument("--steps", type=int, default=Config.meta_steps, help="meta steps per method")
-    p.add_argument("--seed", type=int, default=Config.seed)
-    p.add_argument("--base-steps", type=int, default=Config.base_steps, help="K")
-    p.add_argument("--base-lr", type=float, default=Config.base_lr)
-    p.add_argument("--meta-lr", type=float, default=Config.meta_lr)
-    args = p.parse_args(argv)
-    cfg = Config(
-        seed=args.seed,
-        meta_steps=args.steps,
-        base_steps=args.base_steps,
-        base_lr=args.base_lr,
-        meta_lr=args.meta_lr,
+CLI = harness.StudyCLI(
+    "biased_regression",
+    __doc__,
+    quick="the same runs with 30 instead of 300 timed calls per method (the cost columns are "
+    "rougher)",
+    seeds="the seed of the data (one value; default 0)",
+    base_steps=f"SGD steps of w per run: {Config.meta_interval} per meta step (default "
+    f"{Config.meta_interval * Config.meta_steps}); fixes --meta-steps",
+    meta_steps=f"meta steps (λ updates) per method (default {Config.meta_steps})",
+)
+CLI.add_argument("--base-lr", type=float, default=Config.base_lr, help="SGD learning rate of w")
+CLI.add_argument("--meta-lr", type=float, default=Config.meta_lr, help="Adam learning rate of λ")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Command line (module docstring): run the study and write its results."""
+    args = CLI.parse(argv)
+    run_ = harness.Run(args)
+    seeds = CLI.seeds(args, default=(Config.seed,), quick=(Config.seed,))
+    if len(seeds) != 1:
+        CLI.error("--seeds: this study runs one seed (the data); give one value")
+    _, meta_steps = CLI.steps(
+        args,
+        per_meta=Config.meta_interval,
+        default=Config.meta_steps,
+        quick=Config.meta_steps,
     )
-    t0 = time.perf_counter()
+    cfg = Config(seed=seeds[0], meta_steps=meta_steps, base_lr=args.base_lr, meta_lr=args.meta_lr)
+    if args.quick:
+        cfg = dataclasses.replace(cfg, timing_calls=30, timing_warmup=3)
     result = run_experiment(cfg)
-    result["config"]["total_seconds"] = time.perf_counter() - t0
-    png = save_results(result, args.json, args.png, write_png)
     print(_summary(result))
-    print(f"wrote {args.json} and {png}")
-    return result
+    return run_.finish(result, write_png)
 
 
 if __name__ == "__main__":

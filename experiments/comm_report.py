@@ -1,13 +1,14 @@
 r"""Communication report: all-reduces per base step and per meta step for every method.
 
-    python -m experiments.comm_report --json experiments/results/comm_report.json
+    python -m experiments.comm_report [--quick] [--json PATH]
 
 Compiles the data-parallel bilevel step (:func:`bilevel_jax.parallel.data_parallel`) of each
 method on 8 fake CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8`` is set
 before JAX starts) for the data-reweighting problem: an MLP 784-256-10 base model, a
 Meta-Weight-Net 1-100-1, Adam, batch 256, K = 10 base steps per meta step. It reads the
 number of all-reduce ops and the bytes they reduce from the compiled HLO (docs/parallel.md).
-Nothing is run, only compiled.
+Nothing is run, only compiled (``--seeds``, ``--base-steps`` and ``--meta-steps`` are rejected;
+``--quick`` compiles SAMA and CG only).
 
 "naive" is what synchronising every backward pass (every gradient, HVP or λ-gradient the
 method evaluates, as a DDP-style wrapper would) costs per meta step: SAMA (fresh) d, g and two
@@ -23,9 +24,8 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -35,19 +35,25 @@ from jax.sharding import Mesh  # noqa: E402
 
 import bilevel_jax as bj  # noqa: E402
 from bilevel_jax.parallel import collective_report, data_parallel  # noqa: E402
+from experiments import harness  # noqa: E402
 
 K, BATCH, META_BATCH, SIZES, MWN = 10, 256, 128, (784, 256, 10), 100
 
 METHODS = {
-    "sama": (lambda: bj.sama(), lambda nt, nl: [nt, nt, nl, nl]),
-    "sama_na": (lambda: bj.sama_na(), lambda nt, nl: [nt, nl, nl]),
-    "darts": (lambda: bj.darts(), lambda nt, nl: [nt, nl, nl]),
-    "neumann": (lambda: bj.neumann(5, 1e-3), lambda nt, nl: [nt] * 6 + [nl]),
-    "cg": (lambda: bj.cg(5), lambda nt, nl: [nt] * 6 + [nl]),
-    "itd": (lambda: bj.itd(10), lambda nt, nl: [nt] * 20 + [nl]),
-    "dds": (lambda: bj.dds(), lambda nt, nl: [nt, nt, nl]),
-    "soba": (lambda: bj.soba(1e-3), lambda nt, nl: [nt, nt, nl]),
+    "sama": (bj.sama(), lambda nt, nl: [nt, nt, nl, nl]),
+    "sama_na": (bj.sama_na(), lambda nt, nl: [nt, nl, nl]),
+    "darts": (bj.darts(), lambda nt, nl: [nt, nl, nl]),
+    "neumann": (bj.neumann(maxiter=5, eta=1e-3), lambda nt, nl: [nt] * 6 + [nl]),
+    "cg": (bj.cg(maxiter=5), lambda nt, nl: [nt] * 6 + [nl]),
+    "itd": (bj.itd(unroll=10), lambda nt, nl: [nt] * 20 + [nl]),
+    "dds": (bj.dds(), lambda nt, nl: [nt, nt, nl]),
+    "soba": (bj.soba(rho=1e-3), lambda nt, nl: [nt, nt, nl]),
 }
+"""name -> (method, the sizes of the all-reduces a naive per-backward-pass sync would take,
+given n_θ and n_λ)."""
+QUICK_METHODS = ("sama", "cg")
+OPTIMIZER = harness.Recipe(optax.adam, 1e-3)
+"""The base and the meta optimizer."""
 
 
 def _mlp(key, sizes):
@@ -76,7 +82,7 @@ def meta_loss(theta, lam, batch):
     return optax.softmax_cross_entropy_with_integer_labels(_apply(theta, x), y).mean()
 
 
-def report(devices: int = 8) -> dict:
+def report(devices: int = 8, methods: Sequence[str] = tuple(METHODS)) -> dict:
     """Compile every method's data-parallel step and read its collectives."""
     assert jax.device_count() >= devices, f"need {devices} devices, have {jax.device_count()}"
     mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
@@ -96,14 +102,15 @@ def report(devices: int = 8) -> dict:
             "n_theta": n_theta,
             "n_lambda": n_lam,
             "dtype": "float32",
-            "jax": jax.__version__,
+            "optimizers": {"base": repr(OPTIMIZER), "meta": repr(OPTIMIZER)},
+            "hypergrad": {name: repr(METHODS[name][0]) for name in methods},
         }
     }
-    for name, (make, naive) in METHODS.items():
+    for name in methods:
+        method, naive = METHODS[name]
         t0 = time.perf_counter()
-        method = make()
-        step = bj.bilevel_step(base_loss, meta_loss, optax.adam(1e-3), optax.adam(1e-3), method)
-        state = jax.eval_shape(lambda: step.init(theta, lam))
+        step = bj.bilevel_step(base_loss, meta_loss, OPTIMIZER(), OPTIMIZER(), method)
+        state = jax.eval_shape(step.init, theta, lam)
         text = jax.jit(data_parallel(step, mesh)).lower(state, base, meta).compile().as_text()
         r = collective_report(text)
         sizes = naive(n_theta, n_lam)
@@ -126,16 +133,22 @@ def report(devices: int = 8) -> dict:
     return out
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", required=True, help="write the report here")
-    args = p.parse_args(argv)
-    result = report()
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.json}")
-    return result
+CLI = harness.StudyCLI(
+    "comm_report",
+    __doc__,
+    quick=f"compile {' and '.join(QUICK_METHODS)} only",
+    seeds=harness.Unused("nothing is run, only compiled"),
+    base_steps=harness.Unused(f"nothing is run; the compiled step takes K = {K} base steps"),
+    meta_steps=harness.Unused("nothing is run; the compiled step takes one meta step"),
+)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Command line (module docstring): compile, count and write the report."""
+    args = CLI.parse(argv)
+    run_ = harness.Run(args)
+    result = report(methods=QUICK_METHODS if args.quick else tuple(METHODS))
+    return run_.finish(result, None, records=())
 
 
 if __name__ == "__main__":

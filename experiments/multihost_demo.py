@@ -1,7 +1,7 @@
 r"""Multi-process data-parallel SAMA on real MNIST digits: the multi-host recipe, runnable on one machine.
 
-    python -m experiments.multihost_demo [--processes 2] [--devices-per-process 4] [--steps 600]
-                                         [--json PATH]
+    python -m experiments.multihost_demo [--processes 2] [--devices-per-process 4]
+                                         [--base-steps 600 | --meta-steps 60] [--quick] [--json PATH]
 
 The parent starts ``--processes`` Python processes on loopback with
 :func:`bilevel_jax.distributed.launch_local`; each joins the run with
@@ -18,7 +18,7 @@ noise on the train split, an MLP trained with Adam, reweighted by a Meta-Weight-
 (α = 0.1, ``adapt_from="last"``) every 10 base steps. The global base batch is 96 examples, the meta
 batch 64 of the 100 clean meta examples. Process 0 prints the clean test accuracy and the mean learned
 weight of clean and of flipped train examples; every process prints a checksum of its final
-parameters, which agree bit for bit.
+parameters, which agree bit for bit. ``--quick``: 20 base steps (2 meta steps).
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ import argparse
 import json
 import os
 import pathlib
-import sys
 import time
+from collections.abc import Sequence
+
+from experiments import harness
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -52,22 +54,23 @@ def worker(args: argparse.Namespace) -> None:
     import bilevel_jax as bj
     from bilevel_jax.parallel import data_parallel
     from experiments import data as data_lib
-    from experiments import noisy_labels_demo as nl
+    from experiments.noisy_labels_demo import Config, make_losses
 
-    cfg = nl.Config(steps=args.steps)
+    cfg = Config(base_steps=args.base_steps)
     ds = data_lib.load_mnist5k()
     splits = data_lib.stratified_split(
         ds.y, {"meta": cfg.meta_per_class, "test": cfg.test_per_class}, 0
     )
     tr, me, te = splits["train"], splits["meta"], splits["test"]
     y_noisy, flipped = data_lib.symmetric_noise(ds.y[tr], cfg.noise_rate, ds.num_classes, 0)
-    losses, theta0, lam0 = nl.make_losses(cfg, ds.x.shape[1], ds.num_classes, 0)
+    losses, theta0, lam0 = make_losses(cfg, ds.x.shape[1], ds.num_classes, 0)
 
     mesh = dist.global_mesh("data")
     batch, meta_size, k = 96, 64, cfg.meta_interval
     rows, meta_rows = dist.process_rows(batch), dist.process_rows(meta_size)
-    n_meta_steps = args.steps // k
-    idx = nl._batch_indices(len(tr), n_meta_steps * k, batch, 1).reshape(n_meta_steps, k, batch)
+    n_meta_steps = args.base_steps // k
+    idx = harness.batch_indices(len(tr), n_meta_steps * k, batch, 1)
+    idx = idx.reshape(n_meta_steps, k, batch)
     meta_idx = np.random.default_rng(2).random((n_meta_steps, len(me))).argsort(1)[:, :meta_size]
 
     step = bj.bilevel_step(
@@ -75,7 +78,7 @@ def worker(args: argparse.Namespace) -> None:
         losses.meta,
         optax.adam(cfg.lr),
         optax.adam(cfg.meta_lr),
-        bj.sama(cfg.alpha, adapt_from="last"),
+        cfg.method,
     )
     dp_step = jax.jit(data_parallel(step, mesh), donate_argnums=0)
     state = dist.replicate(step.init(theta0, lam0), mesh)
@@ -98,7 +101,9 @@ def worker(args: argparse.Namespace) -> None:
                 "process": jax.process_index(),
                 "processes": jax.process_count(),
                 "devices": jax.device_count(),
-                "steps": n_meta_steps * k,
+                "platform": jax.devices()[0].platform,
+                "base_steps": n_meta_steps * k,
+                "meta_steps": n_meta_steps,
                 "test_acc": acc,
                 "weight_clean": float(w[~flipped].mean()),
                 "weight_flipped": float(w[flipped].mean()),
@@ -113,21 +118,28 @@ def worker(args: argparse.Namespace) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    """Launch the run and print (and optionally save) every process's report."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--processes", type=int, default=2)
-    p.add_argument("--devices-per-process", type=int, default=4)
-    p.add_argument("--steps", type=int, default=600, help="base steps (whole meta intervals of 10)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole run")
-    p.add_argument("--json", default=None, help="write the reports here")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+CLI = harness.StudyCLI(
+    "multihost_demo",
+    __doc__,
+    quick="20 base steps (2 meta steps)",
+    seeds=harness.Unused("the task is seed 0 of the main job (split, noise, initialisation)"),
+    base_steps="base steps of the run (default 600; quick 20); a multiple of the meta interval 10",
+    meta_steps="meta steps of the run, one per 10 base steps (default 60)",
+)
+CLI.add_argument("--processes", type=int, default=2)
+CLI.add_argument("--devices-per-process", type=int, default=4)
+CLI.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole run")
+CLI.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Launch the run, print every process's report and write them (with the provenance)."""
+    args = CLI.parse(argv)
     if args.worker:
         worker(args)
-        return []
-    if args.steps < 10:
-        raise SystemExit("--steps must be at least 10 (one meta interval)")
+        return {}
+    run_ = harness.Run(args, device=False)
+    base_steps, _ = CLI.steps(args, per_meta=10, default=60, quick=2)
 
     from bilevel_jax import distributed as dist
 
@@ -135,8 +147,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "-m",
         "experiments.multihost_demo",
         "--worker",
-        "--steps",
-        str(args.steps),
+        "--base-steps",
+        str(base_steps),
         "--devices-per-process",
         str(args.devices_per_process),
     ]
@@ -144,18 +156,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     outs = dist.launch_local(child, args.processes, timeout_s=args.timeout, env=env, cwd=str(ROOT))
     reports = [json.loads(o.strip().splitlines()[-1]) for o in outs]
     r = reports[0]
+    run_.data(r["data"])
+    run_.provenance["device"] = {
+        "platform": r["platform"],
+        "count": r["devices"],
+        "process_count": r["processes"],
+    }
     print(
-        f"{r['processes']} process(es) × {args.devices_per_process} devices, {r['steps']} steps "
-        f"in {r['wall_s']:.1f} s: clean test accuracy {r['test_acc']:.3f}; mean learned weight "
-        f"clean {r['weight_clean']:.3f}, flipped {r['weight_flipped']:.3f}"
+        f"{r['processes']} process(es) × {args.devices_per_process} devices, {r['base_steps']} "
+        f"base steps in {r['wall_s']:.1f} s: clean test accuracy {r['test_acc']:.3f}; mean "
+        f"learned weight clean {r['weight_clean']:.3f}, flipped {r['weight_flipped']:.3f}"
     )
-    sums = {x["theta_checksum"] for x in reports}
-    print(f"parameters identical on every process: {len(sums) == 1}")
-    if args.json:
-        pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(args.json).write_text(json.dumps(reports, indent=2) + "\n")
-    return reports
+    identical = len({x["theta_checksum"] for x in reports}) == 1
+    print(f"parameters identical on every process: {identical}")
+    result = {
+        "processes": args.processes,
+        "devices_per_process": args.devices_per_process,
+        "base_steps": base_steps,
+        "parameters_identical": identical,
+        "reports": reports,
+    }
+    return run_.finish(result, None, records=())
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

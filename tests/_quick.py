@@ -5,6 +5,17 @@ import json
 from tests._run_module import run_module
 
 
+def check_provenance(r: dict, module: str) -> None:
+    """What every study records: code, packages, device, data files and the command line."""
+    prov = r["provenance"]
+    assert prov["git_commit"] and isinstance(prov["git_dirty"], bool)
+    assert set(prov["packages"]) >= {"jax", "jaxlib", "optax", "flax", "chex", "numpy"}
+    assert prov["packages"]["jax"] and prov["python"]
+    assert prov["command"].startswith(f"python -m {module} ") and "--quick" in prov["argv"]
+    assert prov["device"]["platform"] and prov["device"]["count"] >= 1
+    assert all(f["sha256"] for f in prov["data_files"]) and prov["data_files"]
+
+
 def run_quick(module: str, tmp_path, stem: str, timeout: float) -> tuple[dict, list[str]]:
     """``python -m module --quick --json tmp_path/stem.json``; returns (JSON, metrics JSON lines)."""
     out = tmp_path / f"{stem}.json"
@@ -13,6 +24,6 @@ def run_quick(module: str, tmp_path, stem: str, timeout: float) -> tuple[dict, l
     r = json.loads(out.read_text())
     assert r["quick"] is True and r["config"]["seeds"] == [0]
     assert r["data"]["sha256"] and r["data"]["path"].endswith("mnist_5k.csv.gz")
-    assert r["provenance"]["git_commit"] is not None
+    check_provenance(r, module)
     assert (tmp_path / f"{stem}.png").stat().st_size > 0
     return r, (tmp_path / f"{stem}.metrics.jsonl").read_text().splitlines()

@@ -42,7 +42,7 @@ def _arrays(data):
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("biased_regression")
     path = out / "br.json"
-    run_module("experiments.biased_regression", "--json", str(path))
+    run_module("experiments.biased_regression", "--quick", "--json", str(path))
     assert (out / "br.png").stat().st_size > 0
     with open(path) as f:
         return json.load(f)
@@ -56,14 +56,20 @@ def test_acceptance_sama(result):
 
 def test_acceptance_exact_and_cg(result):
     assert result["exact"]["cos_min"] >= 0.9999, result["exact"]["cos_min"]
-    assert result["config"]["cg_k"] >= result["config"]["d"]
+    cg = br.make_methods(br.Config(), 1.0)["cg"]
+    assert cg.solver.keywords["maxiter"] >= result["config"]["d"]
+    assert result["cg"]["settings"] == result["config"]["methods"]["cg"] == repr(cg)
     assert result["cg"]["cos_mean"] >= 0.999, result["cg"]["cos_mean"]
 
 
 def test_result_structure(result):
     cfg = result["config"]
     steps = cfg["meta_steps"]
-    assert steps == 100 and cfg["seed"] == 0
+    assert steps == 100 and cfg["seed"] == 0 and result["quick"] is True
+    assert cfg["base_steps"] == cfg["meta_interval"] * steps
+    assert result["provenance"]["packages"]["jax"] and result["provenance"]["git_commit"]
+    # the settings are the objects' own reprs: the library defaults as they are
+    assert "difference='sequential'" in cfg["methods"]["sama"]
     assert set(br.METHODS) == {
         "sama",
         "sama_na",
@@ -126,7 +132,7 @@ def test_implicit_methods_match_closed_form_at_w_star(x64, problem):
     w = br.closed_form_w(lam, x, y, cfg.beta)
     inputs = bj.hypergrad.BilevelInputs(w, lam, tx.init(w), (x, y), (xm, ym))
     closed = br.closed_form_meta_grad(lam, x, y, xm, ym, cfg.beta)
-    for method in (bj.exact(), bj.cg(cfg.cg_k)):
+    for method in (bj.exact(), br.make_methods(cfg, 1.0)["cg"]):
         hg, _ = method.hypergrad(prob, inputs, method.init(w, lam))
         np.testing.assert_allclose(hg.meta_grad, closed, rtol=1e-7, atol=0)
 

@@ -157,7 +157,7 @@ def test_the_multihost_example_runs_on_two_processes(tmp_path):
     env = dict(os.environ, **ENV)
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.multihost_demo", "--steps", "20", "--json", str(out)],
+        [sys.executable, "-m", "experiments.multihost_demo", "--quick", "--json", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -166,7 +166,10 @@ def test_the_multihost_example_runs_on_two_processes(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "parameters identical on every process: True" in proc.stdout
-    reports = json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    reports = result["reports"]
+    assert result["parameters_identical"] and result["quick"] is True
+    assert result["provenance"]["device"]["count"] == 8 and result["provenance"]["data_files"]
     assert [r["process"] for r in reports] == [0, 1]
-    assert all(r["devices"] == 8 and r["steps"] == 20 and r["skipped"] == 0 for r in reports)
+    assert all(r["devices"] == 8 and r["base_steps"] == 20 and r["skipped"] == 0 for r in reports)
     assert 0.1 < reports[0]["test_acc"] <= 1.0 and np.isfinite(reports[0]["meta_loss"])

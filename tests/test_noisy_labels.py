@@ -10,8 +10,9 @@ import pytest
 from flax import nnx
 
 from experiments import data as data_lib
+from experiments import harness
 from experiments import noisy_labels as nl
-from experiments import noisy_labels_demo as demo
+from experiments.models import CNN, ReweightLosses
 from tests._quick import run_quick
 
 
@@ -69,7 +70,7 @@ def test_correct_loss_with_hard_labels_equals_the_reweighting_loss():
     corr = jax.tree.map(lambda a: a, corr)
     corr["prior"] = jnp.float32(200.0)  # softmax(200·onehot) == onehot in float32
     x, y = _batch(seed=3)
-    reweight = demo.Losses(losses.model_def, losses.mwn_def, "sum")
+    reweight = ReweightLosses(losses.model_def, losses.mwn_def, "sum")
     lam = {"mwn": mwn, "corr": corr}
     np.testing.assert_allclose(
         losses.base(theta, lam, (x, y)), reweight.base(theta, mwn, (x, y)), rtol=1e-6
@@ -103,7 +104,7 @@ def _reference_cnn(params, x):
 
 
 def test_cnn_equals_lax_convolutions():
-    model = nl.CNN(rngs=nnx.Rngs(0))
+    model = CNN(rngs=nnx.Rngs(0))
     params = nnx.to_pure_dict(nnx.split(model)[1])
     x, _ = _batch(5, seed=4)
     np.testing.assert_allclose(model(x), _reference_cnn(params, x), rtol=1e-4, atol=1e-5)
@@ -131,25 +132,25 @@ def test_noisy_split(setting):
 
 
 def test_summarize():
-    s = nl.summarize([0.5, 0.7, 0.9], [0, 1, 2])
+    s = harness.summarize([0.5, 0.7, 0.9], [0, 1, 2])
     assert s["seeds"] == [0, 1, 2] and s["acc"] == [0.5, 0.7, 0.9]
     assert math.isclose(s["mean"], 0.7) and math.isclose(s["std"], np.std([0.5, 0.7, 0.9]))
 
 
 def test_methods_are_the_documented_ones():
-    cfg = nl.Config()
-    assert nl.make_method("sama", cfg).adapt and not nl.make_method("sama_na", cfg).adapt
-    assert (
-        nl.make_method("darts", cfg).alpha == 0.01
-        and nl.make_method("sama", cfg).alpha == cfg.alpha
-    )
-    assert {nl.make_method(m, cfg).name for m in nl.REWEIGHT_METHODS} == set(nl.REWEIGHT_METHODS)
-    with pytest.raises(ValueError):
-        nl.make_method("plain", cfg)
+    m = nl.HYPERGRAD
+    assert m["sama"].adapt and m["sama"].adapt_from == "last" and not m["sama_na"].adapt
+    assert m["darts"].alpha == 0.01 and m["sama"].alpha == m["sama_na"].alpha == 0.1
+    assert m["sama_correct"] == m["sama"]
+    assert {m[name].name for name in nl.REWEIGHT_METHODS} == set(nl.REWEIGHT_METHODS)
+    assert set(m) == set(nl.METHODS) - set(nl.BASELINES)
 
 
 def test_quick_mode(tmp_path):
     r, lines = run_quick("experiments.noisy_labels", tmp_path, "nl", timeout=300)
+    assert r["config"]["base_steps"] == 100 and r["config"]["meta_steps"] == 10
+    assert r["config"]["hypergrad"]["cg"] == repr(nl.HYPERGRAD["cg"])
+    assert r["config"]["optimizers"]["base_itd"] == "optax.adam(0.001, eps_root=1e-08)"
     for setting in nl.SETTINGS:
         assert set(r[setting]) == set(nl.METHODS), setting
         for m in nl.METHODS:
@@ -179,4 +180,4 @@ def test_quick_mode(tmp_path):
     assert all(0.0 <= w <= 1.0 for w in sc["noisy"]["weight"])
     assert len(lines) == len(nl.SETTINGS) * len(nl.METHODS) * nl.Config.segments
     rec = json.loads(lines[0])
-    assert set(rec) >= {"setting", "method", "seed", "step", "test_acc"}
+    assert set(rec) >= {"setting", "method", "seed", "base_steps", "test_acc"}

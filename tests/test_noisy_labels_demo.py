@@ -15,7 +15,10 @@ import optax
 import pytest
 from flax import nnx
 
+import bilevel_jax as bj
 from experiments import noisy_labels_demo as nl
+from experiments.models import weighted_cross_entropy
+from tests._quick import check_provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +43,7 @@ def test_weighted_ce_with_unit_weights_is_plain_ce(normalize):
     logits = jax.random.normal(jax.random.key(0), (16, 10)) * 3
     labels = jnp.arange(16) % 10
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    got = nl.weighted_cross_entropy(logits, labels, jnp.ones(16), normalize)
+    got = weighted_cross_entropy(logits, labels, jnp.ones(16), normalize)
     np.testing.assert_allclose(got, ce, rtol=1e-6)
 
 
@@ -50,17 +53,17 @@ def test_weighted_ce_normalisations():
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     w = jnp.array([1.0, 0.0, 3.0, 0.0])
     np.testing.assert_allclose(
-        nl.weighted_cross_entropy(logits, labels, w, "sum"), (ce[0] + 3 * ce[2]) / 4, rtol=1e-6
+        weighted_cross_entropy(logits, labels, w, "sum"), (ce[0] + 3 * ce[2]) / 4, rtol=1e-6
     )
     np.testing.assert_allclose(
-        nl.weighted_cross_entropy(logits, labels, w, "mean"), (ce[0] + 3 * ce[2]) / 4, rtol=1e-6
+        weighted_cross_entropy(logits, labels, w, "mean"), (ce[0] + 3 * ce[2]) / 4, rtol=1e-6
     )
     # "sum" is invariant to a common scale of the weights; "mean" is not
     np.testing.assert_allclose(
-        nl.weighted_cross_entropy(logits, labels, 0.3 * jnp.ones(4), "sum"), ce.mean(), rtol=1e-6
+        weighted_cross_entropy(logits, labels, 0.3 * jnp.ones(4), "sum"), ce.mean(), rtol=1e-6
     )
     with pytest.raises(ValueError):
-        nl.weighted_cross_entropy(logits, labels, w, "max")
+        weighted_cross_entropy(logits, labels, w, "max")
 
 
 @pytest.mark.parametrize("normalize", ["sum", "mean"])
@@ -96,7 +99,7 @@ def test_base_loss_weights_see_no_gradient_through_the_loss_input():
 
     def fixed(th):
         logits = nnx.merge(losses.model_def, th)(x)
-        return nl.weighted_cross_entropy(logits, y, w, "sum")
+        return weighted_cross_entropy(logits, y, w, "sum")
 
     for a, b in zip(
         jax.tree.leaves(jax.grad(losses.base)(theta, lam, (x, y))),
@@ -105,39 +108,37 @@ def test_base_loss_weights_see_no_gradient_through_the_loss_input():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_short_run_cli(tmp_path):
-    """The main job end to end, very short: both accuracies valid, learned weights finite."""
-    out = tmp_path / "nl.json"
+def _cli(*args, timeout=240):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.noisy_labels_demo",
-            "--seed",
-            "1",
-            "--steps",
-            "60",
-            "--json",
-            str(out),
-            "--no-progress",
-        ],
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.noisy_labels_demo", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=timeout,
     )
+
+
+def test_short_run_cli(tmp_path):
+    """The main job end to end, very short: both accuracies valid, learned weights finite."""
+    out = tmp_path / "nl.json"
+    proc = _cli("--quick", "--seeds", "1", "--json", str(out), "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sha256=" in proc.stdout and "difference (SAMA - plain)" in proc.stdout
-    rec = json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    assert result["quick"] is True and result["seeds"] == [1]
+    check_provenance(result, "experiments.noisy_labels_demo")
+    assert (tmp_path / "nl.png").stat().st_size > 0
+    (rec,) = result["runs"]
     for k in ("plain", "sama", "seed", "config", "data", "wall_s"):
         assert k in rec
     for k in ("plain", "sama"):
         assert math.isfinite(rec[k]) and 0.0 <= rec[k] <= 1.0
     assert rec["plain"] > 0.2 and rec["sama"] > 0.2  # 60 Adam steps learn something
-    assert rec["seed"] == 1 and rec["config"]["steps"] == 60
+    assert rec["seed"] == 1 and rec["config"]["base_steps"] == 60
+    assert rec["config"]["method"] == repr(nl.Config.method)
     assert rec["data"]["sha256"] and rec["data"]["path"].endswith("mnist_5k.csv.gz")
     assert rec["mwn_weights_finite"] and rec["nonfinite_meta_steps"] == 0
     assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for _, ws in rec["mwn_curve"] for v in ws)
@@ -146,8 +147,8 @@ def test_short_run_cli(tmp_path):
     lines = [
         json.loads(ln) for ln in (tmp_path / "nl.seed1.metrics.jsonl").read_text().splitlines()
     ]
-    assert [r["meta_step"] for r in lines] == list(range(1, 7))
-    assert [r["step"] for r in lines] == list(range(10, 70, 10))
+    assert [r["meta_steps"] for r in lines] == list(range(1, 7))
+    assert [r["base_steps"] for r in lines] == list(range(10, 70, 10))
     for r in lines:
         for k in ("base_loss", "meta_loss", "hypergrad_norm", "eps", "v_norm"):
             assert math.isfinite(r[k]), (k, r)
@@ -156,17 +157,33 @@ def test_short_run_cli(tmp_path):
     assert rec["metrics_jsonl"].endswith("nl.seed1.metrics.jsonl")
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", "60"], "--steps is gone: use --base-steps N"),
+        (["--seed", "1"], "--seed is gone: use --seeds N"),
+        (["--base-steps", "65"], "must be 0 + 10·m"),
+        (["--base-steps", "60", "--meta-steps", "5"], "disagree"),
+    ],
+)
+def test_cli_rejects_retired_and_inconsistent_flags(args, message):
+    proc = _cli(*args, "--json", "/nonexistent/x.json", timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
 def test_short_run_in_process(tmp_path):
-    res = nl.run(seed=0, steps=40, progress=False, log=None, log_path=tmp_path / "m.jsonl")
+    res = nl.run(seed=0, base_steps=40, progress=False, log=None, log_path=tmp_path / "m.jsonl")
     assert 0.0 <= res["plain"] <= 1.0 and 0.0 <= res["sama"] <= 1.0
     assert res["mwn_weights_finite"] and res["nonfinite_meta_steps"] == 0
     assert res["nonfinite_base_steps"] == 0
-    assert res["config"]["steps"] == 40
+    assert res["config"]["base_steps"] == 40
     assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 4
     assert [s for s, _ in res["curve_sama"]] == [10, 20, 30, 40]  # eval_every = 1 chunk here
 
 
 def test_sama_run_with_base_step_along_v():
-    cfg = dataclasses.replace(nl.Config(), base_step=True)
-    res = nl.run(seed=0, steps=30, config=cfg, progress=False, log=None)
+    method = bj.sama(alpha=0.1, adapt_from="last", step_along_v=True)
+    cfg = dataclasses.replace(nl.Config(), method=method)
+    res = nl.run(seed=0, base_steps=30, config=cfg, progress=False, log=None)
+    assert res["config"]["method"] == repr(method)
     assert 0.0 <= res["sama"] <= 1.0 and res["nonfinite_meta_steps"] == 0

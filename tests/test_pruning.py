@@ -11,13 +11,13 @@ import optax
 import pytest
 from flax import nnx
 
-from experiments import noisy_labels_demo as demo
 from experiments import pruning as pr
+from experiments.models import MLP, split
 from tests._quick import run_quick
 
 
 def _small_problem(n=7, seed=0):
-    model = demo.MLP((784, 16, 10), rngs=nnx.Rngs(seed))
+    model = MLP((784, 16, 10), rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(model)
     params = nnx.to_pure_dict(params)
     rng = np.random.default_rng(seed)
@@ -65,11 +65,11 @@ def test_grand_against_per_example_grad_loop(chunk):
 
 def test_grand_of_the_study_uses_the_mlp_loss():
     study = pr.Study(pr.Config())
-    theta = pr.nl.init_params("mlp", pr.nl.Config(), 0)[0]
+    theta = split(study.model(0))[1]
     _, _, x, y, _ = _small_problem(n=4, seed=1)
     got = np.asarray(study.grand(theta, x, y))
     for i in range(4):
-        g = jax.grad(lambda th: study.losses.plain(th, (x[i : i + 1], y[i : i + 1])))(theta)
+        g = jax.grad(study.losses.plain)(theta, (x[i : i + 1], y[i : i + 1]))
         ref = math.sqrt(sum(float(jnp.sum(v**2)) for v in jax.tree.leaves(g)))
         assert math.isclose(got[i], ref, rel_tol=1e-4)
 
@@ -103,7 +103,7 @@ def test_keep_indices_keeps_the_highest_scores(ratio):
 def _prune_losses():
     cfg = pr.Config()
     study = pr.Study(cfg)
-    theta = pr.nl.init_params("mlp", pr.nl.Config(), 0)[0]
+    theta = split(study.model(0))[1]
     wnet = nnx.to_pure_dict(
         nnx.split(pr.LossUncertaintyWeightNet(cfg.mwn_hidden, rngs=nnx.Rngs(3)))[1]
     )
@@ -145,6 +145,8 @@ def test_stateful_base_loss_updates_the_ema_and_starts_as_plain_training():
 
 def test_quick_mode(tmp_path):
     r, lines = run_quick("experiments.pruning", tmp_path, "pr", timeout=240)
+    assert r["config"]["train_steps"] == pr.QUICK["train_steps"]
+    assert r["config"]["search_method"] == repr(pr.SEARCH_METHOD)
     n = 4000
     for ratio in pr.RATIOS:
         cell = r[f"ratio_{ratio}"]

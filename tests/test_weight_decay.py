@@ -49,6 +49,11 @@ def test_every_method_present_and_finite(result):
     assert len(result["baselines"]["shared_grid"]) == cfg["grid_n"]
     assert result["data"]["source"]["name"] == "sklearn_digits"
     assert result["data"]["source"]["sha256"]
+    assert [f["name"] for f in result["provenance"]["data_files"]] == ["sklearn_digits"]
+    methods = wd.make_methods(wd.Config())
+    assert all(result[m]["settings"] == repr(methods[m]) for m in wd.METHODS)
+    assert cfg["optimizers"]["base"] == "optax.adam(0.05, eps_root=1e-08)"
+    assert cfg["base_steps"] == cfg["warmup_steps"] + cfg["meta_interval"] * cfg["meta_steps"]
 
 
 def test_implicit_methods_beat_no_tuning(result):
