@@ -37,8 +37,11 @@ hyper-parameters from the closure (``b1``, ``eps``…). A plain
 ``optax.adam(1e-3)`` therefore gets the closed form without restating anything.
 ``optax.chain``, ``optax.masked`` and ``optax.inject_hyperparams`` (whose inner
 optimizer is rebuilt from the hyper-parameters in its state) are walked
-through. Any transform that is not recognised uses the exact fallback
-``jax.vjp(lambda g: -tx.update(g, s, θ)[0], g)[1](d)`` for that node only.
+through. Any transform that is not recognised uses the ``jax.vjp`` fallback
+``jax.vjp(lambda g: -tx.update(g, s, θ)[0], g)[1](d)`` for that node only (the
+same derivative by reverse-mode autodiff, without the closed form's care for
+cancellation). ``adapt(..., rule="vjp")`` uses it for the whole update (the oracle
+the closed forms are tested against).
 Sign-based transforms (``scale_by_sign``, ``lion``) have a zero Jacobian almost
 everywhere and are refused. :func:`describe` shows which path each node takes.
 """
@@ -46,8 +49,9 @@ everywhere and are refused. :func:`describe` shows which path each node takes.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -59,19 +63,39 @@ __all__ = [
     "AdaptationError",
     "UnsupportedTransformError",
     "adapt",
-    "exact_adapt",
     "describe",
+    "exact_adapt",
 ]
 
 PyTree = Any
 
 
 class AdaptationError(ValueError):
-    """Raised when the adaptation matrix of a transform cannot be computed."""
+    """Raised when the adaptation matrix of a transform cannot be computed.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> tx, p = optax.sgd(0.1), jnp.ones(2)
+      >>> try:
+      ...     adapt(tx, p, grads=p, state=tx.init(p), params=p, rule="newton")
+      ... except AdaptationError as e:
+      ...     print(e)
+      rule must be 'closed_form' or 'vjp', got 'newton'
+    """
 
 
 class UnsupportedTransformError(AdaptationError):
-    """Raised for transforms whose Jacobian is zero almost everywhere (sign-based)."""
+    """Raised for transforms whose Jacobian is zero almost everywhere (sign-based).
+
+    Example:
+      >>> import optax
+      >>> try:
+      ...     describe(optax.lion(1e-3))
+      ... except UnsupportedTransformError as e:
+      ...     print("refused:", type(e).__name__)
+      refused: UnsupportedTransformError
+    """
 
 
 # --------------------------------------------------------------------------- nodes
@@ -109,7 +133,7 @@ class _Rule(_Node):
 
 @dataclasses.dataclass(frozen=True)
 class _Fallback(_Node):
-    """Exact VJP of this node's update by reverse-mode autodiff."""
+    """VJP of this node's update by reverse-mode autodiff (no closed form known)."""
 
     def vjp(self, g, state, params, w):
         def step(x):
@@ -128,7 +152,7 @@ class _Fallback(_Node):
             ) from e
 
     def describe(self, state) -> str:
-        return f"{self.name}: exact VJP fallback"
+        return f"{self.name}: jax.vjp fallback"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -458,7 +482,8 @@ def adapt(
     grads: PyTree,
     state: optax.OptState,
     params: PyTree,
-    exact: bool = False,
+    rule: Literal["closed_form", "vjp"] = "closed_form",
+    exact: bool | None = None,
 ) -> PyTree:
     r"""Adapt a meta-gradient direction to an optax optimizer: ``v = J_u(g)ᵀ d``.
 
@@ -473,33 +498,89 @@ def adapt(
       grads: the gradient ``g`` at which the Jacobian is taken.
       state: ``tx``'s state *before* the update with ``grads``.
       params: the parameters passed to ``tx.update``.
-      exact: if True, skip the closed forms and use ``jax.vjp`` of the whole update.
+      rule: ``"closed_form"`` (default): each recognised optax transform uses its
+        closed-form Jacobian (module docstring; ``jax.vjp`` for the nodes without one);
+        ``"vjp"``: ``jax.vjp`` of the whole update (the oracle the closed forms are
+        tested against; same derivative, different rounding).
+      exact: deprecated; ``exact=True`` is ``rule="vjp"``, ``False`` is ``"closed_form"``.
 
     Returns:
       ``v``, a pytree with the structure of ``d``.
 
     Raises:
       UnsupportedTransformError: for sign-based transforms (zero Jacobian a.e.).
-      AdaptationError: if a transform cannot be differentiated, or if ``d``,
-        ``grads``, ``params`` and ``state`` do not belong together.
+      AdaptationError: if a transform cannot be differentiated, if ``d``, ``grads``,
+        ``params`` and ``state`` do not belong together, or for an unknown ``rule``.
+
+    Example (Adam at its first step from a zero state: ``v = lr·ε/(|g|+ε)² d``):
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> tx, p = optax.adam(0.1, eps=1.0), jnp.zeros(2)
+      >>> g, d = jnp.array([1.0, 3.0]), jnp.ones(2)
+      >>> print(adapt(tx, d, grads=g, state=tx.init(p), params=p))
+      [0.025  0.00625]
+      >>> print(adapt(tx, d, grads=g, state=tx.init(p), params=p, rule="vjp"))
+      [0.025  0.00625]
     """
+    if exact is not None:
+        warnings.warn(
+            "adapt(exact=...) is deprecated; use adapt(rule='vjp') for jax.vjp of the whole "
+            "update or rule='closed_form' (the default) for the closed-form rules",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        rule = "vjp" if exact else "closed_form"
+    if rule not in ("closed_form", "vjp"):
+        raise AdaptationError(f"rule must be 'closed_form' or 'vjp', got {rule!r}")
     _checks.same_structure(params=params, grads=grads, d=d)
     _checks.opt_state_matches(tx, state, params)
-    node = _Fallback(_transform_name(tx.update), tx.update) if exact else _parse(tx.update)
+    if rule == "vjp":
+        node: _Node = _Fallback(_transform_name(tx.update), tx.update)
+    else:
+        node = _parse(tx.update)
     # u = -Δ, so J_uᵀ d = J_Δᵀ (−d): one negation of the cotangent.
     return node.vjp(grads, state, params, _negate(d))
 
 
-def exact_adapt(tx, d, *, grads, state, params):
-    """:func:`adapt` through ``jax.vjp`` of the whole update: the oracle for the rules."""
-    return adapt(tx, d, grads=grads, state=state, params=params, exact=True)
+def exact_adapt(
+    tx: optax.GradientTransformation,
+    d: PyTree,
+    *,
+    grads: PyTree,
+    state: optax.OptState,
+    params: PyTree,
+) -> PyTree:
+    """Deprecated: use ``adapt(tx, d, ..., rule="vjp")``.
+
+    Example:
+      >>> import warnings
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> tx, p = optax.sgd(0.5), jnp.zeros(2)
+      >>> with warnings.catch_warnings():
+      ...     warnings.simplefilter("ignore", DeprecationWarning)
+      ...     print(exact_adapt(tx, jnp.ones(2), grads=p, state=tx.init(p), params=p))
+      [0.5 0.5]
+    """
+    warnings.warn(
+        "exact_adapt is deprecated; use adapt(tx, d, grads=..., state=..., params=..., rule='vjp')",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return adapt(tx, d, grads=grads, state=state, params=params, rule="vjp")
 
 
 def describe(tx: optax.GradientTransformation, state: optax.OptState | None = None) -> str:
-    """Say which adaptation path each part of ``tx`` uses (closed form or exact fallback).
+    """Say which adaptation path each part of ``tx`` uses (closed form or ``jax.vjp`` fallback).
 
-    Example: ``describe(optax.adam(1e-3))`` returns
-    ``'chain(scale_by_adam: closed form, scale: closed form)'``. Pass the state to
-    resolve ``optax.inject_hyperparams`` (its inner optimizer lives in the state).
+    Pass the state to resolve ``optax.inject_hyperparams`` (its inner optimizer lives in
+    the state).
+
+    Example:
+      >>> import optax
+      >>> describe(optax.adam(1e-3))
+      'chain(scale_by_adam: closed form, scale: closed form)'
+      >>> describe(optax.amsgrad(1e-3))
+      'chain(scale_by_amsgrad: jax.vjp fallback, scale: closed form)'
     """
     return _parse(tx.update).describe(state)
