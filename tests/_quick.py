@@ -16,14 +16,21 @@ def check_provenance(r: dict, module: str) -> None:
     assert all(f["sha256"] for f in prov["data_files"]) and prov["data_files"]
 
 
+def run_study(module: str, tmp_path, stem: str, *args: str, timeout: float = 300) -> dict:
+    """``python -m module --quick ... --json tmp_path/stem.json``: its JSON (the PNG is checked)."""
+    out = tmp_path / f"{stem}.json"
+    proc = run_module(module, "--quick", *args, "--json", str(out), timeout=timeout)
+    assert "sha256=" in proc.stdout  # the data file read is reported
+    assert (tmp_path / f"{stem}.png").stat().st_size > 0
+    r = json.loads(out.read_text())
+    assert r["quick"] is True
+    check_provenance(r, module)
+    return r
+
+
 def run_quick(module: str, tmp_path, stem: str, timeout: float) -> tuple[dict, list[str]]:
     """``python -m module --quick --json tmp_path/stem.json``; returns (JSON, metrics JSON lines)."""
-    out = tmp_path / f"{stem}.json"
-    proc = run_module(module, "--quick", "--no-progress", "--json", str(out), timeout=timeout)
-    assert "sha256=" in proc.stdout  # the data file read is reported
-    r = json.loads(out.read_text())
-    assert r["quick"] is True and r["config"]["seeds"] == [0]
+    r = run_study(module, tmp_path, stem, "--no-progress", timeout=timeout)
+    assert r["config"]["seeds"] == [0]
     assert r["data"]["sha256"] and r["data"]["path"].endswith("mnist_5k.csv.gz")
-    check_provenance(r, module)
-    assert (tmp_path / f"{stem}.png").stat().st_size > 0
     return r, (tmp_path / f"{stem}.metrics.jsonl").read_text().splitlines()

@@ -5,17 +5,15 @@ closed-form checks run in-process inside ``jax.enable_x64`` (a context manager t
 previous setting).
 """
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _run_module import run_module
 
 import bilevel_jax as bj
 from experiments import biased_regression as br
+from tests._quick import run_study
 
 
 @pytest.fixture
@@ -40,12 +38,7 @@ def _arrays(data):
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
-    out = tmp_path_factory.mktemp("biased_regression")
-    path = out / "br.json"
-    run_module("experiments.biased_regression", "--quick", "--json", str(path))
-    assert (out / "br.png").stat().st_size > 0
-    with open(path) as f:
-        return json.load(f)
+    return run_study("experiments.biased_regression", tmp_path_factory.mktemp("br"), "br")
 
 
 def test_acceptance_sama(result):

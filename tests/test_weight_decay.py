@@ -4,33 +4,27 @@ The study itself runs in a subprocess with ``--quick``; the loss and hypergradie
 in-process (float64 ones inside the ``x64`` fixture, which restores the previous setting).
 """
 
-import json
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _run_module import run_module
 
 import bilevel_jax as bj
 from bilevel_jax.hypergrad.base import mixed_product
 from experiments import weight_decay as wd
+from tests._quick import run_study
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
-    out = tmp_path_factory.mktemp("weight_decay")
-    path = out / "wd.json"
-    run_module("experiments.weight_decay", "--quick", "--json", str(path))
-    assert (out / "wd.png").stat().st_size > 0
-    with open(path) as f:
-        return json.load(f)
+    return run_study("experiments.weight_decay", tmp_path_factory.mktemp("wd"), "wd")
 
 
 def test_every_method_present_and_finite(result):
     cfg = result["config"]
-    assert cfg["quick"] is True
+    assert result["quick"] is True
     for m in wd.METHODS:
         r = result[m]
         assert len(r["val_loss"]) == len(r["wall_s"]) == cfg["meta_steps"] + 1
