@@ -62,13 +62,13 @@ def all_finite(*trees: PyTree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def _message(where: str, tree: PyTree, hint: str | None) -> str:
+def _message(where: str, tree: PyTree, hint: str | None, mode: str) -> str:
     bad = _checks.nonfinite_leaves(tree) if tree is not None else []
     leaves = f"; non-finite leaves: {', '.join(bad)}" if bad else ""
-    hint = hint or (
-        "Check the losses and data for NaN/inf or lower the learning rates; "
-        "on_nonfinite='skip' drops such steps and only counts them."
-    )
+    if hint is None:
+        hint = "Check the losses and data for NaN/inf or lower the learning rates."
+        if mode == "raise":
+            hint += " on_nonfinite='skip' drops such steps and only counts them."
     return f"{where} is not finite (non-finite values: NaN or inf{leaves}). {hint}"
 
 
@@ -76,8 +76,8 @@ def _host(finite, tree, *, mode: str, where: str, hint: str | None) -> None:
     if np.all(np.asarray(finite)):  # also re-checked here: under vmap both branches run
         return
     if mode == "raise":
-        raise FloatingPointError(_message(where, tree, hint))
-    warnings.warn(_message(where, tree, hint), RuntimeWarning, stacklevel=3)
+        raise FloatingPointError(_message(where, tree, hint, mode))
+    warnings.warn(_message(where, tree, hint, mode), RuntimeWarning, stacklevel=3)
 
 
 def report(

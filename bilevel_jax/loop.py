@@ -1,27 +1,31 @@
 r"""The bilevel training step: K base steps (``lax.scan``) then one meta step, as one pure function.
 
     step  = bj.bilevel_step(base_loss, meta_loss, base_tx, meta_tx, bj.sama())
-    state = bj.init_bilevel_state(step, base_params, meta_params, rng=jax.random.PRNGKey(0))
+    state = step.init(base_params, meta_params, rng=jax.random.PRNGKey(0))
     state, metrics = jax.jit(step, donate_argnums=0)(state, base_batches, meta_batch)
 
 ``base_batches`` is a pytree whose leaves have a leading axis of length K (one base
-batch per step); ``meta_batch`` is one meta batch. Each call
+batch per step); ``meta_batch`` is one meta batch. Each call is
 
-1. takes K base steps ``θ ← θ + Δ(∇_θ L_b(θ, λ; B_k), s, θ)`` with ``base_tx``,
-   carrying the last step's gradient and pre-update state so that SAMA's
-   ``adapt_from="last"`` needs no extra pass;
-2. computes the hypergradient of ``method`` at the final θ on the last base batch and
-   the meta batch, and updates λ with ``meta_tx`` (any optax optimizer);
-3. optionally applies the method's base step along v (``θ ← θ − εv``, SAMA §3.2).
+1. the **base phase** (:meth:`BilevelStep.base_phase`): K base steps
+   ``θ ← θ + Δ(∇_θ L_b(θ, λ; B_k), s, θ)`` with ``base_tx``, each one
+   :func:`bilevel_jax.base_step`, keeping the last step's gradient and pre-update state so
+   that SAMA's ``adapt_from="last"`` needs no extra pass;
+2. the **meta phase** (:meth:`BilevelStep.meta_phase`): the hypergradient of ``method`` at
+   the final θ on the last base batch and the meta batch, the update of λ with ``meta_tx``
+   (any optax optimizer) and, for methods with ``step_along_v`` (``bj.sama(step_along_v=True)``),
+   the base step along v (``θ ← θ − εv``, SAMA §3.2);
+3. the next state: a fresh RNG key, the counters ``base_steps`` / ``meta_steps``, the metrics.
 
 **Safe failure.** A base step whose loss or gradient is not finite leaves θ and the
 base optimizer state bit-identical and increments ``skipped_base``; a meta step whose
 hypergradient is not finite leaves λ, the meta optimizer state and the method state
-unchanged and increments ``skipped_meta`` (like ``optax.apply_if_finite``). Use
-:func:`check_skips` (or :func:`bilevel_jax.fit`'s ``max_skips``) to stop a run that
-keeps failing. As in ``optax.apply_if_finite``, the base step checks the loss and the
-gradient, not the update: an optimizer that turns a finite gradient into a non-finite
-update is not caught there. When the *last* base step is skipped, SAMA's
+unchanged and increments ``skipped_meta`` (like ``optax.apply_if_finite``). That is
+``on_nonfinite="skip"`` (the default); ``"warn"`` also warns and ``"raise"`` raises
+``FloatingPointError`` at the first non-finite step. Use :func:`check_skips` (or
+:func:`bilevel_jax.fit`'s ``max_skips``) to stop a run that keeps failing. As in
+``optax.apply_if_finite``, the base step checks the loss and the gradient, not the update: an
+optimizer that turns a finite gradient into a non-finite update is not caught there. When the *last* base step is skipped, SAMA's
 ``adapt_from="last"`` sees its non-finite gradient and the meta step is skipped too.
 
 **Stateful models.** With ``stateful=True`` the losses take a fourth argument, the
@@ -32,7 +36,8 @@ the base steps, and the meta step sees it as a constant.
 **RNG.** With ``use_rng=True`` the losses also receive ``rng=`` (a fresh key per base
 step, and one for the meta step) split from ``state.rng``.
 
-**Data parallelism** (``axis_name``, set by :func:`bilevel_jax.parallel.data_parallel`).
+**Data parallelism** (``axis_name``, set by :func:`bilevel_jax.parallel.data_parallel`;
+``docs/parallel.md``).
 Each base step averages the gradient, the loss and — with ``stateful=True`` — the new model
 state across devices in one all-reduce (batch statistics become the mean of the devices'
 statistics, as with synchronised running averages); the meta step averages its results in
@@ -45,27 +50,35 @@ states stay in float32. The meta step runs in float32 unless ``meta_compute_dtyp
 otherwise: SAMA's central difference subtracts two λ-gradients that agree to O(ε), which
 bf16 (8 mantissa bits) cannot resolve — measured on the MNIST reweighting problem, a bf16
 meta step gave a meta-gradient with cosine −0.48 to the float32 one, a float32 meta step
-after bf16 base steps cosine 1.0000 (``tests/test_mixed_precision.py``).
+after bf16 base steps cosine 1.0000 (``tests/test_mixed_precision.py``; ``docs/precision.md``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.flatten_util import ravel_pytree
 
-from bilevel_jax import _checks
-from bilevel_jax.hypergrad.base import BilevelInputs, BilevelProblem, HypergradMethod, all_finite
+from bilevel_jax import _checks, _nonfinite, parallel
+from bilevel_jax.base_step import base_step
+from bilevel_jax.hypergrad.base import (
+    BilevelInputs,
+    BilevelProblem,
+    Hypergrad,
+    HypergradMethod,
+    all_finite,
+)
 from bilevel_jax.hypergrad.sama import sama
 
 __all__ = [
     "BilevelState",
     "BilevelStep",
+    "BasePhase",
     "bilevel_step",
     "init_bilevel_state",
     "check_skips",
@@ -73,10 +86,19 @@ __all__ = [
 ]
 
 PyTree = Any
+SYNC = ("mean", "full_batch")
 
 
 class TooManySkipsError(FloatingPointError):
-    """Raised when more base or meta steps were skipped as non-finite than allowed."""
+    """Raised when more base or meta steps were skipped as non-finite than allowed.
+
+    >>> issubclass(TooManySkipsError, FloatingPointError)
+    True
+    """
+
+
+def _deprecated(old: str, new: str, stacklevel: int = 3) -> None:
+    warnings.warn(f"{old} is deprecated; use {new}", DeprecationWarning, stacklevel=stacklevel)
 
 
 class BilevelState(NamedTuple):
@@ -90,10 +112,19 @@ class BilevelState(NamedTuple):
       method_state: the hypergradient method's state (SOBA's z, CG's warm start…).
       model_state: non-differentiated model state (batch statistics, RNG streams), or None.
       rng: a PRNG key split by the step when ``use_rng=True``.
-      step: base steps taken (including skipped ones).
-      meta_step: meta steps taken (including skipped ones).
+      base_steps: base steps taken (including skipped ones).
+      meta_steps: meta steps taken (including skipped ones).
       skipped_base: base steps skipped because their loss or gradient was not finite.
       skipped_meta: meta steps skipped because their hypergradient was not finite.
+
+    ``step`` and ``meta_step`` are the deprecated names of ``base_steps`` and ``meta_steps``.
+
+    >>> import jax.numpy as jnp, optax, bilevel_jax as bj
+    >>> step = bj.bilevel_step(lambda t, l, b: jnp.sum((t - l) ** 2),
+    ...                        lambda t, l, b: jnp.sum(t**2), optax.sgd(0.1), optax.sgd(0.1))
+    >>> state = step.init(jnp.ones(2), jnp.zeros(2))
+    >>> int(state.base_steps), int(state.meta_steps), int(state.skipped_base)
+    (0, 0, 0)
     """
 
     base_params: PyTree
@@ -103,18 +134,52 @@ class BilevelState(NamedTuple):
     method_state: PyTree
     model_state: PyTree
     rng: jax.Array
-    step: jax.Array
-    meta_step: jax.Array
+    base_steps: jax.Array
+    meta_steps: jax.Array
     skipped_base: jax.Array
     skipped_meta: jax.Array
+
+    @property
+    def step(self) -> jax.Array:
+        """Deprecated: ``base_steps``."""
+        _deprecated("BilevelState.step", "BilevelState.base_steps")
+        return self.base_steps
+
+    @property
+    def meta_step(self) -> jax.Array:
+        """Deprecated: ``meta_steps``."""
+        _deprecated("BilevelState.meta_step", "BilevelState.meta_steps")
+        return self.meta_steps
+
+
+class BasePhase(NamedTuple):
+    """What :meth:`BilevelStep.base_phase` returns besides the new state.
+
+    Attributes:
+      losses: the K base losses, shape ``(K,)`` (float32 or wider).
+      finite: which of the K base steps were applied (loss and gradient finite), ``(K,)``.
+      last_batch: the last base batch (the meta step's base batch).
+      last_grad: the last base step's gradient (SAMA's ``adapt_from="last"``).
+      last_opt_state: the base optimizer state before the last base step.
+
+    >>> BasePhase._fields
+    ('losses', 'finite', 'last_batch', 'last_grad', 'last_opt_state')
+    """
+
+    losses: jax.Array
+    finite: jax.Array
+    last_batch: PyTree
+    last_grad: PyTree
+    last_opt_state: optax.OptState
 
 
 def _select(ok, new, old):
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
-def _inexact(x) -> bool:
-    return jnp.issubdtype(x.dtype if hasattr(x, "dtype") else jnp.result_type(x), jnp.inexact)
+def _keep_if(ok, new, old):
+    """``new`` if ``ok`` else ``old``, for any pytree (PRNG keys included), by ``lax.cond``."""
+    return jax.lax.cond(ok, lambda: new, lambda: old)
 
 
 def _cast_floats(tree, dtype):
@@ -125,58 +190,89 @@ def _cast_floats(tree, dtype):
     )
 
 
-@dataclasses.dataclass(frozen=True)
+def _leading_size(base_batches: PyTree) -> int:
+    """K, the common leading axis of ``base_batches`` (checked; clear errors otherwise)."""
+    leaves = jax.tree.leaves(base_batches)
+    if not leaves:
+        raise _checks.BilevelInputError("base_batches is empty: it has no array leaves")
+    sizes = {x.shape[0] if jnp.ndim(x) else None for x in leaves}
+    if len(sizes) != 1 or None in sizes:
+        raise _checks.BilevelInputError(
+            "every leaf of base_batches needs the same leading axis (the K base steps); "
+            f"got leading sizes {sorted(map(str, sizes))}"
+        )
+    k = sizes.pop()
+    if k == 0:
+        raise _checks.BilevelInputError("base_batches has K = 0 base steps; K must be at least 1")
+    for p, x in jax.tree_util.tree_flatten_with_path(base_batches)[0]:
+        if jnp.ndim(x) >= 2 and x.shape[1] == 0:
+            raise _checks.BilevelInputError(
+                f"base batch leaf {jax.tree_util.keystr(p)} is empty (shape {x.shape})"
+            )
+    return k
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class BilevelStep:
-    """The pure step built by :func:`bilevel_step`; call it as ``step(state, base_batches, meta_batch)``."""
+    """The pure step built by :func:`bilevel_step`: ``step(state, base_batches, meta_batch)``.
+
+    The fields are :func:`bilevel_step`'s arguments. Besides ``__call__`` (base phase →
+    meta phase → next state) the two phases can be called on their own:
+    :meth:`base_phase` and :meth:`meta_phase`.
+
+    >>> import jax, jax.numpy as jnp, optax, bilevel_jax as bj
+    >>> step = bj.BilevelStep(
+    ...     base_loss=lambda t, l, b: jnp.sum((t - l * b) ** 2),
+    ...     meta_loss=lambda t, l, b: jnp.sum((t - b) ** 2),
+    ...     base_tx=optax.sgd(0.1), meta_tx=optax.sgd(0.1), method=bj.sama())
+    >>> state = step.init(jnp.zeros(2), jnp.ones(2))
+    >>> state, metrics = jax.jit(step)(state, jnp.ones((3, 2)), 2 * jnp.ones(2))
+    >>> int(state.base_steps), int(state.meta_steps), sorted(metrics)[:3]
+    (3, 1, ['base_loss', 'base_skipped', 'eps'])
+    """
 
     base_loss: Callable
     meta_loss: Callable
     base_tx: optax.GradientTransformation
     meta_tx: optax.GradientTransformation
-    method: HypergradMethod
-    base_step_along_v: bool = False
+    method: HypergradMethod = dataclasses.field(default_factory=sama)
     stateful: bool = False
     use_rng: bool = False
     compute_dtype: Any = None
     meta_compute_dtype: Any = None
     axis_name: str | None = None
     sync: str = "mean"
+    on_nonfinite: str = "skip"
 
     def __post_init__(self):
-        if self.sync not in ("mean", "exact"):
-            raise ValueError(f"sync must be 'mean' or 'exact', got {self.sync!r}")
-        if self.sync == "exact" and not hasattr(self.method, "axis_name"):
+        if self.sync == "exact":
+            _deprecated('sync="exact"', 'sync="full_batch"', stacklevel=4)
+            object.__setattr__(self, "sync", "full_batch")
+        if self.sync not in SYNC:
+            raise ValueError(f"sync must be 'mean' or 'full_batch', got {self.sync!r}")
+        if self.sync == "full_batch" and not self.method.supports_exact_sync:
             raise ValueError(
-                f"sync='exact' is implemented for SAMA-type methods (sama, sama_na, darts); "
+                f"sync='full_batch' is implemented for SAMA-type methods (sama, sama_na, darts); "
                 f"{self.method.name} supports the default sync='mean' (mean of per-device estimates)"
             )
+        _nonfinite.check_mode(self.on_nonfinite, "bilevel_step")
 
+    # -- the data-parallel pieces (no-ops without axis_name; docs/parallel.md) ------------------
     def _local(self, tree):
-        """Mark replicated floating values as per-device, so gradients stay local (DESIGN §4)."""
-        if self.axis_name is None:
-            return tree
-        return jax.tree.map(
-            lambda x: jax.lax.pcast(x, self.axis_name, to="varying") if _inexact(x) else x, tree
-        )
+        return parallel.local(tree, self.axis_name)
 
     def _mean(self, tree):
-        """One all-reduce: flatten the floating leaves of ``tree`` into one buffer and average
-        it over devices. Other leaves (counters, PRNG keys) must already agree across devices
-        (they do when they do not depend on the data) and are passed through."""
-        if self.axis_name is None:
-            return tree
-        leaves, treedef = jax.tree.flatten(tree)
-        idx = [i for i, x in enumerate(leaves) if _inexact(x)]
-        flat, unravel = ravel_pytree([leaves[i] for i in idx])
-        for i, m in zip(idx, unravel(jax.lax.pmean(flat, self.axis_name))):
-            leaves[i] = m
-        return jax.tree.unflatten(treedef, leaves)
+        return parallel.mean(tree, self.axis_name)
 
     def _key(self, rng):
-        """Under data parallelism each device draws its own randomness (dropout masks…)."""
-        if self.axis_name is None:
-            return rng
-        return jax.random.fold_in(rng, jax.lax.axis_index(self.axis_name))
+        return parallel.key(rng, self.axis_name)
+
+    @property
+    def _method(self) -> HypergradMethod:
+        """The method, synchronised over the devices for ``sync="full_batch"``."""
+        if self.sync == "full_batch" and self.axis_name is not None:
+            return self.method.synced(self.axis_name)
+        return self.method
 
     # -- losses in the (θ, λ, batch) form the methods expect ------------------------------------
     def _base(self, model_state, rng, dtype):
@@ -216,6 +312,12 @@ class BilevelStep:
 
         Every leaf is a new buffer (nothing aliases the arguments or another leaf), so the
         state can be donated to ``jax.jit(step, donate_argnums=0)``.
+
+        >>> import jax.numpy as jnp, optax, bilevel_jax as bj
+        >>> step = bj.bilevel_step(lambda t, l, b: jnp.sum(t * l), lambda t, l, b: jnp.sum(t),
+        ...                        optax.sgd(0.1), optax.sgd(0.1))
+        >>> step.init(jnp.ones(2), jnp.ones(2)).base_params
+        Array([1., 1.], dtype=float32)
         """
         zero = jnp.zeros([], jnp.int32)
         state = BilevelState(
@@ -226,41 +328,21 @@ class BilevelStep:
             method_state=self.method.init(base_params, meta_params),
             model_state=model_state,
             rng=jax.random.PRNGKey(0) if rng is None else rng,
-            step=zero,
-            meta_step=zero,
+            base_steps=zero,
+            meta_steps=zero,
             skipped_base=zero,
             skipped_meta=zero,
         )
         return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
 
     def _check(self, state: BilevelState, base_batches: PyTree) -> int:
-        leaves = jax.tree.leaves(base_batches)
-        if not leaves:
-            raise _checks.BilevelInputError("base_batches is empty: it has no array leaves")
-        sizes = {x.shape[0] if jnp.ndim(x) else None for x in leaves}
-        if len(sizes) != 1 or None in sizes:
-            raise _checks.BilevelInputError(
-                "every leaf of base_batches needs the same leading axis (the K base steps); "
-                f"got leading sizes {sorted(map(str, sizes))}"
-            )
-        k = sizes.pop()
-        if k == 0:
-            raise _checks.BilevelInputError(
-                "base_batches has K = 0 base steps; K must be at least 1"
-            )
-        for p, x in jax.tree_util.tree_flatten_with_path(base_batches)[0]:
-            if jnp.ndim(x) >= 2 and x.shape[1] == 0:
-                raise _checks.BilevelInputError(
-                    f"base batch leaf {jax.tree_util.keystr(p)} is empty (shape {x.shape})"
-                )
+        k = _leading_size(base_batches)
         _checks.opt_state_matches(self.base_tx, state.base_opt_state, state.base_params)
         _checks.opt_state_matches(self.meta_tx, state.meta_opt_state, state.meta_params)
         first = jax.tree.map(lambda x: x[0], base_batches)
-        key = jax.random.PRNGKey(0)
+        base = self._base(state.model_state, jax.random.PRNGKey(0), self.compute_dtype)
         _checks.scalar_loss(
-            lambda th, lam, b: self._base(state.model_state, key, self.compute_dtype)(th, lam, b)[
-                0
-            ],
+            lambda th, lam, b: base(th, lam, b)[0],
             "base_loss",
             state.base_params,
             state.meta_params,
@@ -268,127 +350,159 @@ class BilevelStep:
         )
         return k
 
+    def _base_step(self, carry, meta_params, batch, key):
+        """One base step (:func:`bilevel_jax.base_step`), its model state kept only if finite."""
+        theta, s, model_state = carry
+        r = base_step(
+            self._base(model_state, key, self.compute_dtype),
+            self.base_tx,
+            theta,
+            s,
+            self._local(meta_params),
+            batch,
+            has_aux=True,
+            reduce=self._mean,  # one all-reduce: gradient, loss and (stateful) model state
+            local=self._local,
+        )
+        _nonfinite.report(
+            r.finite,
+            self.on_nonfinite,
+            where="bilevel_step: a base step's loss or gradient",
+            tree=r.grad,
+        )
+        new_model_state = _keep_if(r.finite, r.aux, model_state)
+        return (r.params, r.opt_state, new_model_state), (r.loss, r.finite), (r.grad, s)
+
+    def base_phase(
+        self, state: BilevelState, base_batches: PyTree
+    ) -> tuple[BilevelState, BasePhase]:
+        """The K base steps; returns the state after them and a :class:`BasePhase`.
+
+        Updates ``base_params``, ``base_opt_state``, ``model_state``, ``base_steps`` and
+        ``skipped_base``; the base steps' keys (``use_rng=True``) are split from
+        ``state.rng`` (``__call__`` passes a key split off for them).
+        """
+        k = _leading_size(base_batches)
+        keys = jax.random.split(state.rng, k)
+        lam = state.meta_params
+        batches = jax.tree.map(jnp.asarray, base_batches)
+        # K − 1 steps in a scan and the last one outside it, so that the last step's gradient
+        # and state (SAMA's adapt_from="last") come for free instead of being carried through
+        # every step (measured: carrying them cost 18 % of a base step on a 1.9M-param MLP)
+        carry, (losses, oks) = jax.lax.scan(  # indexes the batches in place (no sliced copy)
+            lambda c, i: self._base_step(c, lam, jax.tree.map(lambda x: x[i], batches), keys[i])[
+                :2
+            ],
+            (state.base_params, state.base_opt_state, state.model_state),
+            jnp.arange(k - 1),
+        )
+        last_batch = jax.tree.map(lambda x: x[-1], batches)
+        (theta, s, model_state), (loss_k, ok_k), (last_g, last_s) = self._base_step(
+            carry, lam, last_batch, keys[-1]
+        )
+        oks = jnp.concatenate([oks, ok_k[None]])
+        new = state._replace(
+            base_params=theta,
+            base_opt_state=s,
+            model_state=model_state,
+            base_steps=state.base_steps + k,
+            skipped_base=state.skipped_base + jnp.sum(~oks, dtype=jnp.int32),
+        )
+        losses = jnp.concatenate([losses, loss_k[None]])
+        return new, BasePhase(losses, oks, last_batch, last_g, last_s)
+
+    def _hypergrad(self, state, base_batch, meta_batch, last_grad, last_opt_state):
+        """The method's hypergradient at ``state``: under data parallelism every input is
+        per-device and the result is the mean of the per-device estimates (one all-reduce)."""
+        model_state, rng, dtype = state.model_state, state.rng, self.meta_compute_dtype
+        base = self._base(model_state, rng, dtype)
+        problem = BilevelProblem(
+            lambda th, lam, b: base(th, lam, b)[0],
+            self._meta(model_state, rng, dtype),
+            self.base_tx,
+        )
+        inputs = BilevelInputs(
+            *self._local((state.base_params, state.meta_params, state.base_opt_state)),
+            base_batch,
+            meta_batch,
+            *self._local((last_grad, last_opt_state)),
+        )
+        hg, method_state = self._method.hypergrad(problem, inputs, self._local(state.method_state))
+        if self.axis_name is None:
+            return hg, method_state
+        meta_grad, base_update, meta_loss, info, method_state = self._mean(
+            (hg.meta_grad, hg.base_update, hg.meta_loss, hg.info, method_state)
+        )
+        finite = all_finite(meta_grad, base_update)
+        return Hypergrad(meta_grad, base_update, meta_loss, finite, info), method_state
+
+    def meta_phase(
+        self,
+        state: BilevelState,
+        base_batch: PyTree,
+        meta_batch: PyTree,
+        *,
+        last_grad: PyTree = None,
+        last_opt_state: optax.OptState = None,
+    ) -> tuple[BilevelState, Hypergrad]:
+        """One meta step at ``state.base_params``; returns the new state and the hypergradient.
+
+        Computes the method's hypergradient on ``base_batch`` (the last base batch) and
+        ``meta_batch``, updates λ with ``meta_tx`` and, for methods with ``step_along_v``,
+        applies the base step along v to θ. A non-finite hypergradient or meta update leaves
+        λ, the meta optimizer state, the method state and θ unchanged and counts in
+        ``skipped_meta``; ``meta_steps`` grows by one. The losses' keys (``use_rng=True``)
+        derive from ``state.rng``, which is returned unchanged. ``last_grad`` and
+        ``last_opt_state`` are the last base step's gradient and pre-update optimizer state
+        (:class:`BasePhase`; needed by SAMA's ``adapt_from="last"`` only). The returned
+        :class:`~bilevel_jax.Hypergrad` has ``finite`` False when the step was skipped.
+        """
+        hg, method_state = self._hypergrad(state, base_batch, meta_batch, last_grad, last_opt_state)
+        lam = state.meta_params
+        upd, meta_opt_state = self.meta_tx.update(hg.meta_grad, state.meta_opt_state, lam)
+        ok = hg.finite & all_finite(upd)
+        _nonfinite.report(
+            ok, self.on_nonfinite, where="bilevel_step: the hypergradient", tree=hg.meta_grad
+        )
+        theta = state.base_params
+        if self.method.step_along_v:
+            if hg.base_update is None:
+                raise ValueError(f"{self.method.name} has step_along_v but no base update")
+            theta = _select(ok, optax.apply_updates(theta, hg.base_update), theta)
+        new = state._replace(
+            base_params=theta,
+            meta_params=_select(ok, optax.apply_updates(lam, upd), lam),
+            meta_opt_state=_select(ok, meta_opt_state, state.meta_opt_state),
+            method_state=_select(ok, method_state, state.method_state),
+            meta_steps=state.meta_steps + 1,
+            skipped_meta=state.skipped_meta + (~ok).astype(jnp.int32),
+        )
+        return new, hg._replace(finite=ok)
+
     def __call__(
         self, state: BilevelState, base_batches: PyTree, meta_batch: PyTree
     ) -> tuple[BilevelState, dict]:
         """K base steps then one meta step; returns the new state and scalar metrics."""
         self._check(state, base_batches)
         rng, base_rng, meta_rng = jax.random.split(state.rng, 3)
-        k = jax.tree.leaves(base_batches)[0].shape[0]
-        base_keys = jax.random.split(base_rng, k)
-
-        def base_step(carry, batch, key):
-            """One base step; also returns its gradient and pre-update state (for "last")."""
-            theta, s, model_state, skipped = carry
-            (loss, new_model_state), g = jax.value_and_grad(
-                self._base(model_state, key, self.compute_dtype), has_aux=True
-            )(self._local(theta), self._local(state.meta_params), batch)
-            # one all-reduce: the gradient, the loss and (stateful models) the new model state
-            g, loss, new_model_state = self._mean((g, loss, new_model_state))
-            # Like optax.apply_if_finite, the gradient (and loss) is checked, not the update,
-            # and the update runs under lax.cond rather than being computed and then selected
-            # with jnp.where: measured on the 784-1024-1024-10 MLP, checking g and the update
-            # and selecting cost 17 % of a base step, the cond costs nothing measurable.
-            ok = jnp.isfinite(loss) & all_finite(g)
-
-            def apply(_):
-                upd, s_new = self.base_tx.update(g, s, theta)
-                return optax.apply_updates(theta, upd), s_new, new_model_state
-
-            theta_new, s_new, model_state = jax.lax.cond(
-                ok, apply, lambda _: (theta, s, model_state), None
-            )
-            return (
-                (theta_new, s_new, model_state, skipped + (~ok).astype(jnp.int32)),
-                (loss, ok),
-                (g, s),
-            )
-
-        # K − 1 steps in a scan and the last one outside it, so that the last step's gradient
-        # and state (SAMA's adapt_from="last") come for free instead of being carried through
-        # every step (measured: carrying them cost 18 % of a base step on a 1.9M-param MLP)
-        init = (
-            state.base_params,
-            state.base_opt_state,
-            state.model_state,
-            jnp.zeros([], jnp.int32),
-        )
-        base_batches = jax.tree.map(jnp.asarray, base_batches)
-        carry, (losses, oks) = jax.lax.scan(  # indexes the batches in place (no sliced copy)
-            lambda c, i: base_step(c, jax.tree.map(lambda x: x[i], base_batches), base_keys[i])[:2],
-            init,
-            jnp.arange(k - 1),
-        )
-        last_batch = jax.tree.map(lambda x: x[-1], base_batches)
-        (theta, s, model_state, n_skip), (loss_k, ok_k), (last_g, last_s) = base_step(
-            carry, last_batch, base_keys[-1]
-        )
-        losses = jnp.concatenate([losses, loss_k[None]])
-        oks = jnp.concatenate([oks, ok_k[None]])
-
-        meta_dtype = self.meta_compute_dtype
-        base_fn = lambda th, lam, b: self._base(model_state, meta_rng, meta_dtype)(th, lam, b)[0]  # noqa: E731
-        problem = BilevelProblem(
-            base_fn, self._meta(model_state, meta_rng, meta_dtype), self.base_tx
-        )
-        # under data parallelism every input of the meta step is per-device (local estimates)
-        inputs = BilevelInputs(
-            *self._local((theta, state.meta_params, s)),
-            last_batch,
+        state, base = self.base_phase(state._replace(rng=base_rng), base_batches)
+        state, hg = self.meta_phase(
+            state._replace(rng=meta_rng),
+            base.last_batch,
             meta_batch,
-            *self._local((last_g, last_s)),
+            last_grad=base.last_grad,
+            last_opt_state=base.last_opt_state,
         )
-        method = self.method
-        if self.sync == "exact" and self.axis_name is not None:
-            method = dataclasses.replace(method, axis_name=self.axis_name)
-        hg, method_state = method.hypergrad(problem, inputs, self._local(state.method_state))
-        if self.axis_name is not None:  # the mean of per-device estimates, in one all-reduce
-            meta_grad, base_update, meta_loss, info, method_state = self._mean(
-                (hg.meta_grad, hg.base_update, hg.meta_loss, hg.info, method_state)
-            )
-            hg = hg._replace(
-                meta_grad=meta_grad,
-                base_update=base_update,
-                meta_loss=meta_loss,
-                info=info,
-                finite=all_finite(meta_grad, base_update),
-            )
-        upd, meta_opt_state = self.meta_tx.update(
-            hg.meta_grad, state.meta_opt_state, state.meta_params
-        )
-        ok = hg.finite & all_finite(upd)
-        meta_params = _select(ok, optax.apply_updates(state.meta_params, upd), state.meta_params)
-        if self.base_step_along_v:
-            if hg.base_update is None:
-                raise ValueError(
-                    f"base_step_along_v=True needs a method that returns a base update; "
-                    f"{self.method.name} does not (use bj.sama(..., base_step=True))"
-                )
-            theta = _select(ok, optax.apply_updates(theta, hg.base_update), theta)
-
-        new_state = BilevelState(
-            base_params=theta,
-            meta_params=meta_params,
-            base_opt_state=s,
-            meta_opt_state=_select(ok, meta_opt_state, state.meta_opt_state),
-            method_state=_select(ok, method_state, state.method_state),
-            model_state=model_state,
-            rng=rng,
-            step=state.step + k,
-            meta_step=state.meta_step + 1,
-            skipped_base=state.skipped_base + n_skip,
-            skipped_meta=state.skipped_meta + (~ok).astype(jnp.int32),
-        )
-        good = jnp.maximum(jnp.sum(oks), 1)
+        good = jnp.maximum(jnp.sum(base.finite), 1)
         metrics = {
-            "base_loss": jnp.sum(jnp.where(oks, losses, 0.0)) / good,
+            "base_loss": jnp.sum(jnp.where(base.finite, base.losses, 0.0)) / good,
             "meta_loss": jnp.asarray(hg.meta_loss, jnp.float32),
             "hypergrad_norm": optax.tree.norm(hg.meta_grad).astype(jnp.float32),
-            "base_skipped": n_skip,
-            "meta_skipped": (~ok).astype(jnp.int32),
-            **{k_: jnp.asarray(v, jnp.float32) for k_, v in hg.info.items()},
+            "base_skipped": jnp.sum(~base.finite, dtype=jnp.int32),
+            "meta_skipped": (~hg.finite).astype(jnp.int32),
+            **{k: jnp.asarray(v, jnp.float32) for k, v in hg.info.items()},
         }
-        return new_state, metrics
+        return state._replace(rng=rng), metrics
 
 
 def bilevel_step(
@@ -398,13 +512,14 @@ def bilevel_step(
     meta_tx: optax.GradientTransformation,
     method: HypergradMethod | None = None,
     *,
-    base_step_along_v: bool = False,
     stateful: bool = False,
     use_rng: bool = False,
     compute_dtype: Any = None,
     meta_compute_dtype: Any = None,
     axis_name: str | None = None,
     sync: str = "mean",
+    on_nonfinite: str = "skip",
+    base_step_along_v: bool | None = None,
 ) -> BilevelStep:
     r"""Build the pure, jit-able bilevel step (see the module docstring).
 
@@ -414,9 +529,9 @@ def bilevel_step(
       meta_loss: ``L_m(θ, λ, batch[, model_state][, rng=]) -> loss``.
       base_tx: the optimizer of θ.
       meta_tx: the optimizer of λ (applied to the hypergradient, e.g. ``optax.adam(1e-3)``).
-      method: the hypergradient method (default ``bj.sama()``).
-      base_step_along_v: apply the method's base update after each meta step (SAMA with
-        ``base_step=True``).
+      method: the hypergradient method (default ``bj.sama()``). A method with
+        ``step_along_v`` (``bj.sama(step_along_v=True)``) also gets its base step along v
+        applied to θ after each meta update.
       stateful: the losses take and ``base_loss`` returns a non-differentiated model state.
       use_rng: pass ``rng=`` keys split from ``state.rng`` to the losses.
       compute_dtype: e.g. ``jnp.bfloat16`` to run the base steps in bf16 over float32 masters.
@@ -426,27 +541,54 @@ def bilevel_step(
         gradient in one all-reduce and the meta step's per-device results in one more
         (:func:`bilevel_jax.parallel.data_parallel` sets it for you).
       sync: ``"mean"`` (default): the meta step's result is the mean of per-device estimates
-        (one all-reduce; the SAMA paper's and Betty's semantics). ``"exact"`` (SAMA-type
-        methods): d and the fresh adaptation gradient are averaged first, so the result equals
-        the single-device full-batch one (two to three all-reduces).
+        (one all-reduce; the SAMA paper's and Betty's semantics). ``"full_batch"``
+        (methods with ``supports_exact_sync``: SAMA-type): d and the fresh adaptation
+        gradient are averaged first, so the result equals the single-device full-batch one
+        (two to three all-reduces). ``"exact"`` is its deprecated name.
+      on_nonfinite: a non-finite base or meta step is always skipped and counted
+        (``skipped_base`` / ``skipped_meta``); ``"skip"`` (default) does only that,
+        ``"warn"`` also warns (``RuntimeWarning``), ``"raise"`` raises ``FloatingPointError``.
+      base_step_along_v: deprecated: the method's ``step_along_v`` alone now decides
+        (``True`` still checks that the method has it).
 
     Returns:
       A :class:`BilevelStep`: ``step(state, base_batches, meta_batch) -> (state, metrics)``
       and ``step.init(base_params, meta_params, model_state=, rng=)``.
+
+    >>> import jax, jax.numpy as jnp, optax, bilevel_jax as bj
+    >>> base = lambda th, lam, x: jnp.mean((th - x) ** 2) + jnp.sum(lam * th**2)
+    >>> meta = lambda th, lam, x: jnp.mean((th - x) ** 2)
+    >>> step = bj.bilevel_step(base, meta, optax.sgd(0.1), optax.sgd(0.1), bj.sama(0.1))
+    >>> state = step.init(jnp.zeros(2), jnp.full(2, 0.5))
+    >>> for _ in range(3):
+    ...     state, metrics = jax.jit(step)(state, jnp.ones((4, 2)), jnp.ones(2))
+    >>> int(state.base_steps), int(state.meta_steps), bool(metrics["meta_loss"] < 1.0)
+    (12, 3, True)
     """
+    method = sama() if method is None else method
+    if base_step_along_v is not None:
+        _deprecated("bilevel_step(base_step_along_v=...)", "bj.sama(step_along_v=True)")
+        if base_step_along_v and not method.step_along_v:
+            raise ValueError(
+                f"base_step_along_v=True needs a method that returns a base update; "
+                f"{method.name} does not (use bj.sama(..., step_along_v=True))"
+            )
+    if sync == "exact":
+        _deprecated('sync="exact"', 'sync="full_batch"')
+        sync = "full_batch"
     return BilevelStep(
-        base_loss,
-        meta_loss,
-        base_tx,
-        meta_tx,
-        sama() if method is None else method,
-        base_step_along_v,
-        stateful,
-        use_rng,
-        compute_dtype,
-        meta_compute_dtype,
-        axis_name,
-        sync,
+        base_loss=base_loss,
+        meta_loss=meta_loss,
+        base_tx=base_tx,
+        meta_tx=meta_tx,
+        method=method,
+        stateful=stateful,
+        use_rng=use_rng,
+        compute_dtype=compute_dtype,
+        meta_compute_dtype=meta_compute_dtype,
+        axis_name=axis_name,
+        sync=sync,
+        on_nonfinite=on_nonfinite,
     )
 
 
@@ -458,12 +600,33 @@ def init_bilevel_state(
     model_state: PyTree = None,
     rng: jax.Array | None = None,
 ) -> BilevelState:
-    """``step.init(...)``: a fresh state for ``step``."""
+    """Deprecated: ``step.init(...)``, a fresh state for ``step``.
+
+    >>> import warnings, jax.numpy as jnp, optax, bilevel_jax as bj
+    >>> step = bj.bilevel_step(lambda t, l, b: jnp.sum(t * l), lambda t, l, b: jnp.sum(t),
+    ...                        optax.sgd(0.1), optax.sgd(0.1))
+    >>> with warnings.catch_warnings(record=True) as w:
+    ...     warnings.simplefilter("always")
+    ...     state = bj.init_bilevel_state(step, jnp.ones(2), jnp.ones(2))
+    >>> w[0].category.__name__, int(state.meta_steps)
+    ('DeprecationWarning', 0)
+    """
+    _deprecated("init_bilevel_state(step, ...)", "step.init(...)")
     return step.init(base_params, meta_params, model_state=model_state, rng=rng)
 
 
 def check_skips(state: BilevelState, max_skips: int | None) -> None:
-    """Raise :class:`TooManySkipsError` when more than ``max_skips`` steps were skipped (host-side)."""
+    """Raise :class:`TooManySkipsError` when more than ``max_skips`` steps were skipped (host-side).
+
+    ``state`` is anything with ``skipped_base`` and ``skipped_meta``.
+
+    >>> from types import SimpleNamespace
+    >>> check_skips(SimpleNamespace(skipped_base=1, skipped_meta=0), max_skips=1)  # within
+    >>> check_skips(SimpleNamespace(skipped_base=2, skipped_meta=0), max_skips=1)
+    Traceback (most recent call last):
+    ...
+    bilevel_jax.loop.TooManySkipsError: 2 base steps and 0 meta steps were skipped ...
+    """
     if max_skips is None:
         return
     base, meta = int(state.skipped_base), int(state.skipped_meta)

@@ -1,7 +1,7 @@
 r"""Data parallelism for the bilevel step with ``jax.shard_map``.
 
 Each device holds a shard of the base and meta batches and a replica of θ, λ and all
-optimizer and method states (DESIGN §2.4). Per bilevel step:
+optimizer and method states. Per bilevel step:
 
 - each base step averages the local gradient (and loss) across devices in **one**
   all-reduce;
@@ -11,9 +11,13 @@ optimizer and method states (DESIGN §2.4). Per bilevel step:
   and averaged in **one** all-reduce. The result is the mean of per-device estimates, the
   semantics of the SAMA paper and of Betty.
 
-Gradients are taken with respect to ``jax.lax.pcast(params, axis, to="varying")``: inside
-``shard_map`` a gradient with respect to a *replicated* value already contains the
-cross-device sum, and a ``psum`` on top would count it n_devices times (DESIGN §4).
+Gradients are taken with respect to ``jax.lax.pcast(params, axis, to="varying")`` (:func:`local`):
+inside ``shard_map`` a gradient with respect to a *replicated* value already contains the
+cross-device sum, and a ``psum`` on top would count it n_devices times (``docs/parallel.md``).
+
+The three pieces the step uses, each a no-op when ``axis_name`` is None: :func:`local`
+(per-device view), :func:`mean` (one flattened all-reduce) and :func:`key` (per-device
+randomness).
 """
 
 from __future__ import annotations
@@ -21,15 +25,80 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from bilevel_jax.loop import BilevelStep
+if TYPE_CHECKING:  # the loop imports this module; no import of the loop at run time
+    from bilevel_jax.loop import BilevelStep
 
-__all__ = ["data_parallel", "collective_report"]
+__all__ = ["data_parallel", "collective_report", "local", "mean", "key"]
+
+PyTree = Any
+
+
+def _inexact(x) -> bool:
+    return jnp.issubdtype(x.dtype if hasattr(x, "dtype") else jnp.result_type(x), jnp.inexact)
+
+
+def local(tree: PyTree, axis_name: str | None) -> PyTree:
+    """Mark the replicated floating leaves of ``tree`` as per-device (``pcast`` to varying).
+
+    A gradient with respect to the result stays local to the device (no hidden cross-device
+    sum); see ``docs/parallel.md``. Identity when ``axis_name`` is None.
+
+    >>> local({"w": jnp.ones(2)}, None)["w"]
+    Array([1., 1.], dtype=float32)
+    """
+    if axis_name is None:
+        return tree
+    return jax.tree.map(
+        lambda x: jax.lax.pcast(x, axis_name, to="varying") if _inexact(x) else x, tree
+    )
+
+
+def mean(tree: PyTree, axis_name: str | None) -> PyTree:
+    """Average the floating leaves of ``tree`` over ``axis_name`` in **one** all-reduce.
+
+    The floating leaves are flattened into one buffer, ``pmean``-ed and unflattened. Other
+    leaves (counters, PRNG keys) must already agree across devices (they do when they do not
+    depend on the data) and are passed through. Identity when ``axis_name`` is None.
+
+    >>> import numpy as np
+    >>> from jax.sharding import Mesh, PartitionSpec as P
+    >>> mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    >>> f = jax.shard_map(lambda x: mean((x, jnp.int32(3)), "data"), mesh=mesh,
+    ...                   in_specs=P("data"), out_specs=P())
+    >>> f(jnp.array([2.0]))
+    (Array([2.], dtype=float32), Array(3, dtype=int32))
+    """
+    if axis_name is None:
+        return tree
+    leaves, treedef = jax.tree.flatten(tree)
+    idx = [i for i, x in enumerate(leaves) if _inexact(x)]
+    flat, unravel = ravel_pytree([leaves[i] for i in idx])
+    for i, m in zip(idx, unravel(jax.lax.pmean(flat, axis_name))):
+        leaves[i] = m
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def key(rng: jax.Array, axis_name: str | None) -> jax.Array:
+    """Fold the device index into ``rng``, so each device draws its own randomness.
+
+    Identity when ``axis_name`` is None.
+
+    >>> k = jax.random.PRNGKey(0)
+    >>> bool((key(k, None) == k).all())
+    True
+    """
+    if axis_name is None:
+        return rng
+    return jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
 
 def data_parallel(step: BilevelStep, mesh: Mesh, *, axis_name: str = "data") -> Callable:
@@ -56,7 +125,9 @@ def data_parallel(step: BilevelStep, mesh: Mesh, *, axis_name: str = "data") -> 
     )
 
 
-_ALL_REDUCE = re.compile(r"(?<![%\w.-])all-reduce(?:-start)?\(")  # DESIGN §4: no substring count
+# a collective is matched as an instruction (`all-reduce(` / `all-reduce-start(` not preceded by a
+# name character), not as a substring: `%all-reduce.3` names and `-done` ops are not counted
+_ALL_REDUCE = re.compile(r"(?<![%\w.-])all-reduce(?:-start)?\(")
 _OTHER = re.compile(
     r"(?<![%\w.-])(?:all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
 )

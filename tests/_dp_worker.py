@@ -36,8 +36,8 @@ def main():
     th0 = {"w": jnp.asarray(rng.randn(F)) * 0.3}
     lam0 = {"a": jnp.zeros(F), "c": jnp.full(F, 0.01)}
     btx, mtx = optax.adam(1e-2), optax.sgd(1.0)  # sgd(1): λ_new = λ − meta-gradient
-    method = bj.sama(0.1, adapt_from="last", base_step=True)
-    step = bj.bilevel_step(base_loss, meta_loss, btx, mtx, method, base_step_along_v=True)
+    method = bj.sama(0.1, adapt_from="last", step_along_v=True)
+    step = bj.bilevel_step(base_loss, meta_loss, btx, mtx, method)
     state = step.init(th0, lam0)
 
     dp = jax.jit(data_parallel(step, mesh))
@@ -92,11 +92,9 @@ def main():
         c.tobytes() == lam_copies[0].tobytes() for c in lam_copies
     )
 
-    # sync="exact": d and the fresh adaptation gradient are averaged first -> full-batch result
-    exact_method = bj.sama(0.1, base_step=True)
-    step_exact = bj.bilevel_step(
-        base_loss, meta_loss, btx, mtx, exact_method, base_step_along_v=True, sync="exact"
-    )
+    # sync="full_batch": d and the fresh adaptation gradient are averaged first -> full-batch result
+    exact_method = bj.sama(0.1, step_along_v=True)
+    step_exact = bj.bilevel_step(base_loss, meta_loss, btx, mtx, exact_method, sync="full_batch")
     dp_exact = jax.jit(data_parallel(step_exact, mesh))
     out_e, _ = dp_exact(state, (xs, ys), meta)
     ref_e, _ = jax.jit(step_exact)(state, (xs, ys), meta)  # one device, full batches
@@ -119,7 +117,7 @@ def main():
     )
 
     # stateful model: a running mean of the batch's features, averaged across devices in the
-    # base step's all-reduce; with sync="exact" the whole step equals the full-batch one
+    # base step's all-reduce; with sync="full_batch" the whole step equals the full-batch one
     def sbase(th, lam, batch, ms):
         new = {"mu": 0.9 * ms["mu"] + 0.1 * jnp.mean(batch[0], axis=0)}
         return base_loss(th, lam, batch) + 0.1 * jnp.sum(ms["mu"] * th["w"]), new
@@ -127,7 +125,7 @@ def main():
     def smeta(th, lam, batch, ms):
         return meta_loss(th, lam, batch) + 0.1 * jnp.sum(ms["mu"] * th["w"])
 
-    sstep = bj.bilevel_step(sbase, smeta, btx, mtx, bj.sama(0.1), stateful=True, sync="exact")
+    sstep = bj.bilevel_step(sbase, smeta, btx, mtx, bj.sama(0.1), stateful=True, sync="full_batch")
     sstate = sstep.init(th0, lam0, model_state={"mu": jnp.zeros(F)})
     s_dp, _ = jax.jit(data_parallel(sstep, mesh))(sstate, (xs, ys), meta)
     s_ref, _ = jax.jit(sstep)(sstate, (xs, ys), meta)
@@ -151,7 +149,7 @@ def main():
     keys = jax.random.split(base_rng, K)
     th, s = th0, btx.init(th0)
     for i in range(K):
-        shard = lambda x, d: x[i, d * 4 : (d + 1) * 4]  # noqa: E731
+        shard = lambda x, d, i=i: x[i, d * 4 : (d + 1) * 4]  # noqa: E731
         grads = [
             jax.grad(rbase)(
                 th, lam0, (shard(xs, d), shard(ys, d)), rng=jax.random.fold_in(keys[i], d)

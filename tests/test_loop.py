@@ -1,5 +1,7 @@
 """The pure bilevel step: equality with a Python loop, safe skipping, input errors."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,7 +50,7 @@ def _leaves_equal(a, b):
     "method, along_v",
     [
         (bj.sama(adapt_from="last"), False),
-        (bj.sama(base_step=True), True),
+        (bj.sama(step_along_v=True), True),
         (bj.neumann(3, 0.1), False),
     ],
     ids=["sama_last", "sama_base_step", "neumann"],
@@ -56,7 +58,7 @@ def _leaves_equal(a, b):
 def test_jitted_step_equals_a_python_loop(x64, method, along_v):
     xs, ys, meta = _data(jnp.float64)
     btx, mtx = optax.adam(1e-2), optax.adam(1e-1)
-    step = bj.bilevel_step(base_loss, meta_loss, btx, mtx, method, base_step_along_v=along_v)
+    step = bj.bilevel_step(base_loss, meta_loss, btx, mtx, method)
     th0, lam0 = _init(jnp.float64)
     state = step.init(th0, lam0)
     jstep = jax.jit(step, donate_argnums=0)
@@ -83,7 +85,7 @@ def test_jitted_step_equals_a_python_loop(x64, method, along_v):
         jax.tree.leaves((state.base_params, state.meta_params)), jax.tree.leaves((th, lam))
     ):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
-    assert int(state.step) == 3 * K and int(state.meta_step) == 3
+    assert int(state.base_steps) == 3 * K and int(state.meta_steps) == 3
     assert int(state.skipped_base) == 0 and int(state.skipped_meta) == 0
     assert np.isfinite(float(metrics["meta_loss"]))
 
@@ -101,7 +103,7 @@ def test_nan_base_batch_is_a_bit_identical_no_op():
     assert _leaves_equal(with_nan.base_opt_state, without.base_opt_state)
     assert _leaves_equal(with_nan.meta_params, without.meta_params)
     assert int(with_nan.skipped_base) == 1 and int(m["base_skipped"]) == 1
-    assert int(with_nan.step) == K  # the skipped step is still counted as taken
+    assert int(with_nan.base_steps) == K  # the skipped step is still counted as taken
 
 
 def test_all_base_steps_nan_leaves_theta_and_state_bit_identical():
@@ -197,13 +199,37 @@ def test_rng_keys_are_fresh_per_step_and_deterministic():
     assert not {tuple(np.asarray(k)) for k in c.model_state} & keys  # and new ones next call
 
 
-def test_base_step_along_v_requires_a_base_update():
+def test_deprecated_base_step_along_v_requires_a_method_with_step_along_v():
+    with (
+        pytest.warns(DeprecationWarning, match="base_step_along_v"),
+        pytest.raises(ValueError, match="base_step_along_v=True needs"),
+    ):
+        bj.bilevel_step(
+            base_loss, meta_loss, optax.sgd(0.1), optax.sgd(0.1), bj.cg(3), base_step_along_v=True
+        )
+
+
+def test_the_method_switch_alone_applies_the_base_step_along_v():
+    """``sama(step_along_v=True)`` is enough; the old second flag only warns and agrees."""
     xs, ys, meta = _data()
-    step = bj.bilevel_step(
-        base_loss, meta_loss, optax.sgd(0.1), optax.sgd(0.1), bj.cg(3), base_step_along_v=True
+    tx = (optax.adam(1e-2), optax.adam(1e-1))
+    along = bj.bilevel_step(base_loss, meta_loss, *tx, bj.sama(0.1, step_along_v=True))
+    plain = bj.bilevel_step(base_loss, meta_loss, *tx, bj.sama(0.1))
+    with pytest.warns(DeprecationWarning, match=r"use bj.sama\(step_along_v=True\)"):
+        old = bj.bilevel_step(
+            base_loss, meta_loss, *tx, bj.sama(0.1, step_along_v=True), base_step_along_v=True
+        )
+    state = along.init(*_init())
+    a, _ = jax.jit(along)(state, (xs[0], ys[0]), meta)
+    b, _ = jax.jit(plain)(state, (xs[0], ys[0]), meta)
+    c, _ = jax.jit(old)(state, (xs[0], ys[0]), meta)
+    assert _leaves_equal(a, c) and _leaves_equal(a.meta_params, b.meta_params)
+    # θ differs from the plain step by exactly the applied base update −εv
+    phase, _ = plain.base_phase(
+        state._replace(rng=jax.random.split(state.rng, 3)[1]), (xs[0], ys[0])
     )
-    with pytest.raises(ValueError, match="base_step_along_v=True needs"):
-        step(step.init(*_init()), (xs[0], ys[0]), meta)
+    assert not _leaves_equal(a.base_params, b.base_params)
+    assert _leaves_equal(b.base_params, phase.base_params)
 
 
 def test_init_buffers_do_not_alias_so_the_state_can_be_donated():
@@ -215,7 +241,7 @@ def test_init_buffers_do_not_alias_so_the_state_can_be_donated():
     xs, ys, meta = _data()
     new, _ = jax.jit(step, donate_argnums=0)(state, (xs[0], ys[0]), meta)
     assert float(th["w"][0]) == pytest.approx(0.1)  # the caller's params were copied, not donated
-    assert int(new.meta_step) == 1
+    assert int(new.meta_steps) == 1
 
 
 def test_bf16_compute_keeps_float32_masters():
@@ -267,3 +293,114 @@ def test_a_skipped_last_base_step_skips_a_last_adapted_meta_step_too():
     assert int(new.skipped_base) == 1 and int(new.skipped_meta) == 1
     assert _leaves_equal(new.meta_params, state.meta_params)
     assert not _leaves_equal(new.base_params, state.base_params)  # the other K-1 steps ran
+
+
+def test_phases_compose_to_the_step_bit_identically():
+    """``base_phase`` → ``meta_phase`` with the keys ``__call__`` splits is ``__call__``."""
+    xs, ys, meta = _data()
+    step = bj.bilevel_step(
+        base_loss, meta_loss, optax.adam(1e-2), optax.adam(1e-1), bj.sama(0.1, adapt_from="last")
+    )
+    state = step.init(*_init(), rng=jax.random.PRNGKey(5))
+
+    def by_phases(state, batches, meta_batch):
+        rng, base_rng, meta_rng = jax.random.split(state.rng, 3)
+        state, base = step.base_phase(state._replace(rng=base_rng), batches)
+        state, hg = step.meta_phase(
+            state._replace(rng=meta_rng),
+            base.last_batch,
+            meta_batch,
+            last_grad=base.last_grad,
+            last_opt_state=base.last_opt_state,
+        )
+        return state._replace(rng=rng), base, hg
+
+    a, m = jax.jit(step)(state, (xs[0], ys[0]), meta)
+    b, base, hg = jax.jit(by_phases)(state, (xs[0], ys[0]), meta)
+    assert _leaves_equal(a, b)
+    assert base.losses.shape == (K,) and bool(base.finite.all()) and bool(hg.finite)
+    assert float(m["meta_loss"]) == float(hg.meta_loss)
+
+
+def test_base_phase_is_k_calls_of_bj_base_step_and_meta_phase_the_method():
+    """Oracle: K calls of the public base step, then the method and the meta optimizer."""
+    xs, ys, meta = _data()
+    btx, mtx, method = optax.adam(1e-2), optax.adam(1e-1), bj.soba(0.1)
+    step = bj.bilevel_step(base_loss, meta_loss, btx, mtx, method)
+    state = step.init(*_init())
+
+    def by_hand(th, s, lam, ms, mstate):
+        for i in range(K):
+            r = bj.base_step(base_loss, btx, th, s, lam, (xs[0][i], ys[0][i]))
+            th, s = r.params, r.opt_state
+        problem = bj.BilevelProblem(base_loss, meta_loss, btx)
+        inputs = bj.BilevelInputs(th, lam, s, (xs[0][-1], ys[0][-1]), meta)
+        hg, mstate = method.hypergrad(problem, inputs, mstate)
+        upd, ms = mtx.update(hg.meta_grad, ms, lam)
+        return th, s, optax.apply_updates(lam, upd), ms, mstate
+
+    new, _ = jax.jit(step)(state, (xs[0], ys[0]), meta)
+    expect = jax.jit(by_hand)(
+        state.base_params,
+        state.base_opt_state,
+        state.meta_params,
+        state.meta_opt_state,
+        state.method_state,
+    )
+    got = (new.base_params, new.base_opt_state, new.meta_params, new.meta_opt_state)
+    for a, b in zip(jax.tree.leaves((got, new.method_state)), jax.tree.leaves(expect)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_counters_have_new_names_and_the_old_ones_warn():
+    step = bj.bilevel_step(base_loss, meta_loss, optax.adam(1e-2), optax.adam(1e-1))
+    state = step.init(*_init())._replace(base_steps=jnp.int32(8), meta_steps=jnp.int32(2))
+    assert state._fields[7:] == ("base_steps", "meta_steps", "skipped_base", "skipped_meta")
+    with pytest.warns(DeprecationWarning, match="base_steps"):
+        assert int(state.step) == 8
+    with pytest.warns(DeprecationWarning, match="meta_steps"):
+        assert int(state.meta_step) == 2
+    with pytest.warns(DeprecationWarning, match=r"step.init\(...\)"):
+        bj.init_bilevel_state(step, *_init())
+
+
+def test_bilevel_step_is_built_by_keyword():
+    with pytest.raises(TypeError):
+        bj.BilevelStep(base_loss, meta_loss, optax.sgd(0.1), optax.sgd(0.1))  # type: ignore[misc]
+    step = bj.BilevelStep(
+        base_loss=base_loss, meta_loss=meta_loss, base_tx=optax.sgd(0.1), meta_tx=optax.sgd(0.1)
+    )
+    assert step.method.name == "sama" and step.on_nonfinite == "skip"
+
+
+@pytest.mark.parametrize("where", ["base", "meta"])
+def test_on_nonfinite_warn_and_raise(where):
+    xs, ys, meta = _data()
+    batches = (xs[0].at[1, 0, 0].set(jnp.nan) if where == "base" else xs[0], ys[0])
+    meta_batch = (meta[0].at[0, 0].set(jnp.inf), meta[1]) if where == "meta" else meta
+    match = "a base step's loss or gradient" if where == "base" else "the hypergradient"
+
+    def make(mode):
+        return bj.bilevel_step(
+            base_loss, meta_loss, optax.adam(1e-2), optax.adam(1e-1), on_nonfinite=mode
+        )
+
+    skip = make("skip")
+    state = skip.init(*_init())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "skip" says nothing
+        ref, _ = jax.jit(skip)(state, batches, meta_batch)
+        jax.effects_barrier()
+    warn = make("warn")
+    with pytest.warns(RuntimeWarning, match=f"bilevel_step: {match} is not finite"):
+        new, _ = jax.jit(warn)(state, batches, meta_batch)
+        jax.effects_barrier()
+    assert _leaves_equal(new, ref)  # still skipped and counted, as with "skip"
+    with pytest.raises(Exception, match=f"{match} is not finite"):
+        jax.block_until_ready(jax.jit(make("raise"))(state, batches, meta_batch))
+    with pytest.raises(ValueError, match="on_nonfinite must be one of"):
+        make("ignore")
+    # a finite step calls back nowhere
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jax.block_until_ready(jax.jit(make("raise"))(state, (xs[0], ys[0]), meta))

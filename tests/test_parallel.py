@@ -94,10 +94,26 @@ def test_exact_sync_equals_single_device_full_batch(report):
 
 def test_exact_sync_is_refused_for_methods_without_it_and_bad_sync_values():
     loss = lambda th, lam, b: 0.0  # noqa: E731
-    with pytest.raises(ValueError, match="sync='exact' is implemented for SAMA-type"):
-        bj.bilevel_step(loss, loss, optax.sgd(0.1), optax.sgd(0.1), bj.cg(3), sync="exact")
+    with pytest.raises(ValueError, match="sync='full_batch' is implemented for SAMA-type"):
+        bj.bilevel_step(loss, loss, optax.sgd(0.1), optax.sgd(0.1), bj.cg(3), sync="full_batch")
     with pytest.raises(ValueError, match="sync must be"):
         bj.bilevel_step(loss, loss, optax.sgd(0.1), optax.sgd(0.1), sync="sometimes")
+
+
+def test_sync_exact_is_the_deprecated_name_of_full_batch():
+    loss = lambda th, lam, b: 0.0  # noqa: E731
+    with pytest.warns(DeprecationWarning, match='use sync="full_batch"'):
+        step = bj.bilevel_step(loss, loss, optax.sgd(0.1), optax.sgd(0.1), sync="exact")
+    assert step.sync == "full_batch"
+    with pytest.warns(DeprecationWarning, match='use sync="full_batch"'):
+        direct = bj.BilevelStep(
+            base_loss=loss,
+            meta_loss=loss,
+            base_tx=optax.sgd(0.1),
+            meta_tx=optax.sgd(0.1),
+            sync="exact",
+        )
+    assert direct.sync == "full_batch"
 
 
 def test_collective_report_splits_base_and_meta_step_reductions():
