@@ -50,8 +50,7 @@ def main():
         meta_loss,
         optax.adam(1e-2),
         optax.adam(1e-2),
-        bj.sama(0.1, adapt_from="last", base_step=True),
-        base_step_along_v=True,
+        bj.sama(0.1, adapt_from="last", step_along_v=True),
     )
     state = dist.replicate(
         step.init({"w": rng.randn(F) * 0.3}, {"a": np.zeros(F), "c": np.full(F, 0.01)}), mesh
