@@ -139,7 +139,8 @@ def _keystr(path) -> str:
 
 
 def _is_key(x) -> bool:
-    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.numpy.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def _leaf_specs(tree: PyTree) -> list[list]:

@@ -137,7 +137,7 @@ def initialize(
             "give all of coordinator_address, num_processes and process_id (or none, to let "
             f"JAX detect the cluster); got {coordinator_address=}, {num_processes=}, {process_id=}"
         )
-    if coordinator_address is not None:
+    if coordinator_address is not None and num_processes is not None and process_id is not None:
         host, _, port = coordinator_address.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(
