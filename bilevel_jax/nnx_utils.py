@@ -1,89 +1,23 @@
-r"""Flax NNX modules as the pure pytrees that :func:`bilevel_jax.bilevel_step` works with.
+"""Deprecated alias of :mod:`bilevel_jax.nnx` (``bj.nnx``); importing it warns.
 
-The library only sees pytrees. An ``nnx.Module`` is split once into a static
-``graphdef``, its parameters θ (a pure nested dict: what the optimizer and the
-hypergradient see) and the rest (batch statistics, dropout RNG streams…), which
-goes in :attr:`BilevelState.model_state <bilevel_jax.BilevelState>` with
-``bilevel_step(..., stateful=True)``::
-
-    graphdef, theta, rest = bj.nnx_utils.split_params(model)
-
-    def base_loss(theta, lam, batch, rest):              # stateful=True: returns the new rest
-        x, y = batch
-        logits, rest = bj.nnx_utils.apply(graphdef, theta, rest, x, train=True)
-        return weighted_ce(logits, y, lam), rest
-
-    def meta_loss(theta, lam, batch, rest):              # sees the rest as a constant
-        logits, _ = bj.nnx_utils.apply(graphdef, theta, rest, batch[0], train=False)
-        return ce(logits, batch[1])
-
-    step  = bj.bilevel_step(base_loss, meta_loss, base_tx, meta_tx, bj.sama(), stateful=True)
-    state = step.init(theta, lam, model_state=rest)
-
-Gradients are taken with respect to θ only; the rest is threaded through the base steps
-as a non-differentiated value (BatchNorm running averages follow their own update rule),
-and the meta step's finite differences all see the same rest (so the same dropout mask).
-
-Flax is imported when these functions are called, never at ``import bilevel_jax``.
+Example:
+  >>> import warnings
+  >>> with warnings.catch_warnings():
+  ...     warnings.simplefilter("ignore", DeprecationWarning)
+  ...     from bilevel_jax import nnx_utils
+  >>> import bilevel_jax as bj
+  >>> nnx_utils.split_params is bj.nnx.split_params
+  True
 """
 
-from __future__ import annotations
+import warnings
 
-from typing import Any
+from bilevel_jax.nnx import apply, merge, split_params
 
 __all__ = ["split_params", "merge", "apply"]
 
-PyTree = Any
-
-
-def _param_filter(wrt):
-    from flax import nnx
-
-    return nnx.Param if wrt is None else wrt
-
-
-def split_params(module, wrt=None) -> tuple[Any, dict, dict]:
-    """Split an ``nnx.Module`` into ``(graphdef, params, rest)`` (the last two pure dicts).
-
-    Args:
-      module: the module.
-      wrt: the NNX filter of the differentiated variables (default ``nnx.Param``).
-
-    Returns:
-      ``graphdef`` (static), ``params`` (θ or λ: a nested dict of arrays, ready for optax
-      and checkpoints) and ``rest`` (every other variable: batch statistics, RNG keys and
-      counts; ``{}`` if there are none).
-    """
-    from flax import nnx
-
-    graphdef, params, rest = nnx.split(module, _param_filter(wrt), ...)
-    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-
-
-def merge(graphdef, params: PyTree, rest: PyTree | None = None):
-    """Rebuild the module from :func:`split_params`' pieces (``rest=None`` means ``{}``)."""
-    from flax import nnx
-
-    return nnx.merge(graphdef, params, {} if rest is None else rest)
-
-
-def apply(graphdef, params: PyTree, rest: PyTree, *args, wrt=None, method=None, **kwargs):
-    """Call the module rebuilt from ``(graphdef, params, rest)``; returns ``(out, new_rest)``.
-
-    ``new_rest`` holds the variables the call updated (BatchNorm running averages in
-    training mode, advanced RNG counts), as a pure dict shaped like ``rest``; pass it
-    back as the base loss's new model state.
-
-    Args:
-      graphdef, params, rest: from :func:`split_params`.
-      *args, **kwargs: the call's arguments (e.g. ``x, train=True``).
-      wrt: the filter given to :func:`split_params` (default ``nnx.Param``).
-      method: call this method by name instead of ``__call__``.
-    """
-    from flax import nnx
-
-    module = merge(graphdef, params, rest)
-    fn = module if method is None else getattr(module, method)
-    out = fn(*args, **kwargs)
-    _, _, new_rest = nnx.split(module, _param_filter(wrt), ...)
-    return out, nnx.to_pure_dict(new_rest)
+warnings.warn(
+    "bilevel_jax.nnx_utils is deprecated; use bilevel_jax.nnx (bj.nnx)",
+    DeprecationWarning,
+    stacklevel=2,
+)

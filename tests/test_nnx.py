@@ -11,7 +11,6 @@ import optax
 from flax import nnx
 
 import bilevel_jax as bj
-from bilevel_jax import nnx_utils
 
 D, H, C, B, K = 8, 16, 3, 24, 3
 
@@ -65,21 +64,21 @@ def weighted_ce(logits, y, w):
 
 
 # ---- the NNX implementation ------------------------------------------------------------------
-model_def, theta_nnx, rest0 = nnx_utils.split_params(MLP(nnx.Rngs(0)))
-mwn_def, lam_nnx, _ = nnx_utils.split_params(MetaWeightNet(nnx.Rngs(1)))
+model_def, theta_nnx, rest0 = bj.nnx.split_params(MLP(nnx.Rngs(0)))
+mwn_def, lam_nnx, _ = bj.nnx.split_params(MetaWeightNet(nnx.Rngs(1)))
 
 
 def nnx_base(theta, lam, batch, rest):
     x, y = batch
-    logits, rest = nnx_utils.apply(model_def, theta, rest, x)
+    logits, rest = bj.nnx.apply(model_def, theta, rest, x)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    w = nnx_utils.merge(mwn_def, lam)(jax.lax.stop_gradient(ce))
+    w = bj.nnx.merge(mwn_def, lam)(jax.lax.stop_gradient(ce))
     return jnp.sum(w * ce) / jnp.sum(w), rest
 
 
 def nnx_meta(theta, lam, batch, rest):
     x, y = batch
-    logits, _ = nnx_utils.apply(model_def, theta, rest, x)
+    logits, _ = bj.nnx.apply(model_def, theta, rest, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
@@ -124,21 +123,23 @@ def close(nnx_tree, pure_tree, rtol=1e-6, atol=1e-9):
 
 def test_helpers_split_merge_round_trip():
     model = BNDropoutMLP(nnx.Rngs(0))
-    graphdef, params, rest = nnx_utils.split_params(model)
+    graphdef, params, rest = bj.nnx.split_params(model)
     assert set(params) == {"l1", "l2", "bn"} and set(params["bn"]) == {"scale", "bias"}
     assert set(rest["bn"]) == {"mean", "var"} and set(rest["drop"]["rngs"]) == {"count", "key"}
     optax.adam(1e-3).init(params)  # θ is a plain pytree optax accepts
     x = jnp.ones((4, D))
-    out, new_rest = nnx_utils.apply(graphdef, params, rest, x, train=False)
+    out, new_rest = bj.nnx.apply(graphdef, params, rest, x, train=False)
     np.testing.assert_array_equal(out, model(x, train=False))
     assert jax.tree.structure(new_rest) == jax.tree.structure(rest)
-    assert nnx_utils.split_params(MLP(nnx.Rngs(0)))[2] == {}
+    assert bj.nnx.split_params(MLP(nnx.Rngs(0)))[2] == {}
 
 
-def test_import_does_not_need_flax():
+def test_import_does_not_need_flax_or_orbax():
     code = (
         "import sys, bilevel_jax as bj; assert 'flax' not in sys.modules, 'flax imported'; "
-        "assert bj.nnx_utils"
+        "assert 'orbax' not in sys.modules, 'orbax imported'; assert bj.nnx.split_params; "
+        "assert 'checkpoint' in dir(bj); bj.checkpoint.Checkpointer; "
+        "assert 'orbax.checkpoint' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -193,18 +194,18 @@ def test_nnx_meta_gradient_equals_pure_pytree_mlp():
 
 
 def test_batchnorm_stats_and_dropout_rng_are_model_state_not_differentiated():
-    graphdef, theta, rest = nnx_utils.split_params(BNDropoutMLP(nnx.Rngs(0)))
+    graphdef, theta, rest = bj.nnx.split_params(BNDropoutMLP(nnx.Rngs(0)))
     lam = {"a": jnp.zeros(()), "b": jnp.zeros(())}
 
     def base_loss(theta, lam, batch, rest):
         x, y = batch
-        logits, rest = nnx_utils.apply(graphdef, theta, rest, x, train=True)
+        logits, rest = bj.nnx.apply(graphdef, theta, rest, x, train=True)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         w = jax.nn.sigmoid(lam["a"] * jax.lax.stop_gradient(ce) + lam["b"])
         return jnp.sum(w * ce) / jnp.sum(w), rest
 
     def meta_loss(theta, lam, batch, rest):  # eval mode: uses the running statistics
-        logits, _ = nnx_utils.apply(graphdef, theta, rest, batch[0], train=False)
+        logits, _ = bj.nnx.apply(graphdef, theta, rest, batch[0], train=False)
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
 
     base_tx = optax.adam(1e-2)
@@ -268,10 +269,10 @@ def test_batchnorm_stats_and_dropout_rng_are_model_state_not_differentiated():
 
 
 def test_dropout_masks_differ_between_base_steps():
-    graphdef, theta, rest = nnx_utils.split_params(BNDropoutMLP(nnx.Rngs(0)))
+    graphdef, theta, rest = bj.nnx.split_params(BNDropoutMLP(nnx.Rngs(0)))
     x = jax.random.normal(jax.random.key(0), (4, D))
-    out1, rest1 = nnx_utils.apply(graphdef, theta, rest, x, train=True)
-    out2, _ = nnx_utils.apply(graphdef, theta, rest1, x, train=True)
-    out1b, _ = nnx_utils.apply(graphdef, theta, rest, x, train=True)
+    out1, rest1 = bj.nnx.apply(graphdef, theta, rest, x, train=True)
+    out2, _ = bj.nnx.apply(graphdef, theta, rest1, x, train=True)
+    out1b, _ = bj.nnx.apply(graphdef, theta, rest, x, train=True)
     np.testing.assert_array_equal(out1, out1b)  # same state → same mask (SAMA's ±εv pair)
     assert not np.allclose(out1, out2)  # advanced state → new mask
