@@ -16,20 +16,21 @@ of the chain. Extra arguments are keyword-only and mirror
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.experimental import io_callback
 
-from bilevel_jax import _checks
+from bilevel_jax import _checks, _nonfinite
+from bilevel_jax._nonfinite import OnNonfinite
 from bilevel_jax.hypergrad.base import BilevelInputs, BilevelProblem, HypergradMethod, Loss
 from bilevel_jax.hypergrad.sama import sama
 
 __all__ = ["MetaGradState", "meta_grad"]
 
 PyTree = Any
+_REQUIRED = ("params", "base_params", "base_opt_state", "base_batch", "meta_batch")
 
 
 class MetaGradState(NamedTuple):
@@ -41,6 +42,13 @@ class MetaGradState(NamedTuple):
       method_state: the hypergradient method's own state.
       meta_loss: the meta loss at the last meta step.
       info: the method's diagnostics at the last meta step (SAMA: ``eps``, ``v_norm``).
+
+    >>> import jax.numpy as jnp, optax, bilevel_jax as bj
+    >>> mg = bj.meta_grad(lambda t, l, b: jnp.sum(t * l), lambda t, l, b: jnp.sum(t**2),
+    ...                   optax.sgd(0.1))
+    >>> state = mg.init(jnp.ones(2))
+    >>> int(state.count), sorted(state.info)
+    (0, ['eps', 'v_norm'])
     """
 
     count: jax.Array
@@ -50,71 +58,58 @@ class MetaGradState(NamedTuple):
     info: dict
 
 
-def _raise_nonfinite(finite, meta_grad) -> None:
-    if not bool(finite):
-        bad = _checks.nonfinite_leaves(meta_grad)
-        raise FloatingPointError(
-            "bilevel_jax.meta_grad: the hypergradient is not finite "
-            f"(non-finite leaves of the meta-gradient: {', '.join(bad) or 'none; the base step along v is'}). "
-            "Check the losses for NaN/inf, lower the learning rates or alpha, or pass "
-            "on_nonfinite='skip' to drop such meta steps and count them instead."
-        )
-
-
-def meta_grad(
-    base_loss: Loss,
-    meta_loss: Loss,
-    base_tx: optax.GradientTransformation,
-    method: HypergradMethod | None = None,
-    *,
-    on_nonfinite: Literal["raise", "skip"] = "raise",
-    base_params: PyTree | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    r"""An optax transform that adds the hypergradient of a bilevel problem to the updates.
-
-    ``update(updates, state, params, *, base_params, base_opt_state, base_batch,
-    meta_batch, last_grad=None, last_opt_state=None)`` returns
-    ``updates + dL_m(θ*(λ), λ)/dλ`` with the derivative estimated by ``method``
-    (SAMA by default: Choe et al., "Making Scalable Meta Learning Practical", 2023).
-
-    Args:
-      base_loss: ``L_b(θ, λ, batch) -> scalar``.
-      meta_loss: ``L_m(θ, λ, batch) -> scalar``.
-      base_tx: the optimizer that trains θ.
-      method: the hypergradient method (default ``bilevel_jax.sama()``).
-      on_nonfinite: a non-finite hypergradient is never passed on: the updates
-        are left unchanged and ``nonfinite_count`` grows. With ``"raise"`` (default)
-        the call also raises ``FloatingPointError`` naming the bad leaves (under
-        ``jit`` it surfaces as a runtime error carrying that message; the host
-        callback runs only when a value is non-finite). ``"skip"`` only counts.
-      base_params: θ, or a template with its shapes and dtypes; needed only by methods
-        whose state is shaped like θ (``soba()``, ``cg(warm_start=True)``).
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs``; compose it with ``optax.chain``.
-    """
-    if on_nonfinite not in ("raise", "skip"):
-        raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
-    method = sama() if method is None else method
-    if getattr(method, "base_step", False):
+def _check_method(method: HypergradMethod) -> HypergradMethod:
+    if method.step_along_v:
         raise ValueError(
-            f"{method.name} with base_step=True takes a step on the base parameters, which an "
-            "optax transform of the meta parameters cannot apply. Call the method's hypergrad "
-            "(or bilevel_jax.sama_hypergrad) directly and apply Hypergrad.base_update to θ."
+            f"{method.name} with step_along_v=True takes a step on the base parameters, which "
+            "an optax transform of the meta parameters cannot apply. Use bilevel_jax.bilevel_step "
+            "(or call the method's hypergrad directly and apply Hypergrad.base_update to θ)."
         )
-    info_keys = tuple(getattr(method, "info_keys", ()))
-    problem = BilevelProblem(base_loss, meta_loss, base_tx)
-    template = base_params
+    return method
 
+
+def _init_fn(method: HypergradMethod, template: PyTree):
     def init_fn(params):
         return MetaGradState(
             count=jnp.zeros([], jnp.int32),
             nonfinite_count=jnp.zeros([], jnp.int32),
             method_state=method.init(template, params),
             meta_loss=jnp.zeros([], jnp.float32),
-            info={k: jnp.zeros([], jnp.float32) for k in info_keys},
+            info={k: jnp.zeros([], jnp.float32) for k in method.info_keys},
         )
 
+    return init_fn
+
+
+def _check_args(updates, **required) -> None:
+    missing = [n for n in _REQUIRED if required[n] is None]
+    if missing:
+        raise ValueError(
+            "bilevel_jax.meta_grad.update needs the meta params and the keyword "
+            f"arguments base_params, base_opt_state, base_batch, meta_batch; missing: {missing}"
+        )
+    _checks.same_structure(params=required["params"], updates=updates)
+
+
+def _apply(updates, state: MetaGradState, result, method_state, info_keys) -> tuple:
+    """``updates + meta_grad`` and the new state; a non-finite result is dropped and counted."""
+    ok = result.finite
+    new_updates = jax.tree.map(
+        lambda u, h: jnp.where(ok, u + h.astype(u.dtype), u), updates, result.meta_grad
+    )
+    new_state = MetaGradState(
+        count=optax.safe_increment(state.count),
+        nonfinite_count=state.nonfinite_count + (~ok).astype(jnp.int32),
+        method_state=jax.tree.map(
+            lambda new, old: jnp.where(ok, new, old), method_state, state.method_state
+        ),
+        meta_loss=jnp.asarray(result.meta_loss, jnp.float32),
+        info={k: jnp.asarray(result.info[k], jnp.float32) for k in info_keys},
+    )
+    return new_updates, new_state
+
+
+def _update_fn(method: HypergradMethod, problem: BilevelProblem, on_nonfinite: str):
     def update_fn(
         updates,
         state,
@@ -129,51 +124,78 @@ def meta_grad(
         **extra_args,
     ):
         del extra_args
-        missing = [
-            n
-            for n, x in [
-                ("params", params),
-                ("base_params", base_params),
-                ("base_opt_state", base_opt_state),
-                ("base_batch", base_batch),
-                ("meta_batch", meta_batch),
-            ]
-            if x is None
-        ]
-        if missing:
-            raise ValueError(
-                "bilevel_jax.meta_grad.update needs the meta params and the keyword "
-                f"arguments base_params, base_opt_state, base_batch, meta_batch; missing: {missing}"
-            )
-        _checks.same_structure(params=params, updates=updates)
+        _check_args(
+            updates,
+            params=params,
+            base_params=base_params,
+            base_opt_state=base_opt_state,
+            base_batch=base_batch,
+            meta_batch=meta_batch,
+        )
         inputs = BilevelInputs(
             base_params, params, base_opt_state, base_batch, meta_batch, last_grad, last_opt_state
         )
         result, method_state = method.hypergrad(problem, inputs, state.method_state)
-        if on_nonfinite == "raise":  # the host callback only runs on the non-finite branch
-            # io_callback (unlike jax.debug.callback) propagates the exception to the caller
-            jax.lax.cond(
-                result.finite,
-                lambda mg: None,
-                lambda mg: io_callback(_raise_nonfinite, None, result.finite, mg),
-                result.meta_grad,
-            )
-        new_updates = jax.tree.map(
-            lambda u, h: jnp.where(result.finite, u + h.astype(u.dtype), u),
-            updates,
-            result.meta_grad,
+        _nonfinite.report(
+            result.finite,
+            on_nonfinite,
+            where="bilevel_jax.meta_grad: the hypergradient",
+            tree=result.meta_grad,
         )
-        new_state = MetaGradState(
-            count=optax.safe_increment(state.count),
-            nonfinite_count=state.nonfinite_count + (~result.finite).astype(jnp.int32),
-            method_state=jax.tree.map(
-                lambda new, old: jnp.where(result.finite, new, old),
-                method_state,
-                state.method_state,
-            ),
-            meta_loss=jnp.asarray(result.meta_loss, jnp.float32),
-            info={k: jnp.asarray(result.info[k], jnp.float32) for k in info_keys},
-        )
-        return new_updates, new_state
+        return _apply(updates, state, result, method_state, method.info_keys)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return update_fn
+
+
+def meta_grad(
+    base_loss: Loss,
+    meta_loss: Loss,
+    base_tx: optax.GradientTransformation,
+    method: HypergradMethod | None = None,
+    *,
+    on_nonfinite: OnNonfinite = "raise",
+    base_params: PyTree | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""An optax transform that adds the hypergradient of a bilevel problem to the updates.
+
+    ``update(updates, state, params, *, base_params, base_opt_state, base_batch,
+    meta_batch, last_grad=None, last_opt_state=None)`` returns
+    ``updates + dL_m(θ*(λ), λ)/dλ`` with the derivative estimated by ``method``
+    (SAMA by default: Choe et al., "Making Scalable Meta Learning Practical", 2023).
+
+    Args:
+      base_loss: ``L_b(θ, λ, batch) -> scalar``.
+      meta_loss: ``L_m(θ, λ, batch) -> scalar``.
+      base_tx: the optimizer that trains θ.
+      method: the hypergradient method (default ``bilevel_jax.sama()``); one with
+        ``step_along_v`` is refused (a meta transform cannot step θ).
+      on_nonfinite: a non-finite hypergradient is never passed on: the updates
+        are left unchanged and ``nonfinite_count`` grows. With ``"raise"`` (default)
+        the call also raises ``FloatingPointError`` naming the bad leaves (under
+        ``jit`` it surfaces as a runtime error carrying that message; the host
+        callback runs only when a value is non-finite); ``"warn"`` warns
+        (``RuntimeWarning``) instead; ``"skip"`` only counts.
+      base_params: θ, or a template with its shapes and dtypes; needed only by methods
+        whose state is shaped like θ (``soba()``, ``cg(warm_start=True)``).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; compose it with ``optax.chain``.
+
+    >>> import jax, jax.numpy as jnp, optax, bilevel_jax as bj
+    >>> base = lambda th, lam, x: jnp.mean((th - x) ** 2) + jnp.sum(lam * th**2)
+    >>> meta = lambda th, lam, x: jnp.mean((th - x) ** 2)
+    >>> tx = optax.sgd(0.1)
+    >>> meta_tx = optax.chain(bj.meta_grad(base, meta, tx, bj.sama_na(0.1)), optax.sgd(1.0))
+    >>> theta, lam = jnp.full(2, 0.5), jnp.full(2, 0.5)
+    >>> updates, state = meta_tx.update(
+    ...     jnp.zeros(2), meta_tx.init(lam), lam, base_params=theta,
+    ...     base_opt_state=tx.init(theta), base_batch=jnp.ones(2), meta_batch=jnp.ones(2))
+    >>> updates.shape, int(state[0].count), bool(jnp.all(updates < 0))
+    ((2,), 1, True)
+    """
+    _nonfinite.check_mode(on_nonfinite, "bilevel_jax.meta_grad")
+    method = _check_method(sama() if method is None else method)
+    problem = BilevelProblem(base_loss, meta_loss, base_tx)
+    return optax.GradientTransformationExtraArgs(
+        _init_fn(method, base_params), _update_fn(method, problem, on_nonfinite)
+    )

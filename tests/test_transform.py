@@ -124,10 +124,23 @@ def test_missing_extra_args_are_named():
         mg.update(lam, mg.init(lam), lam, base_params=theta, base_batch=bb)
 
 
-def test_base_step_is_refused_in_a_meta_transform():
+def test_base_step_along_v_is_refused_in_a_meta_transform():
     base_loss, meta_loss, tx, *_ = _setup()
-    with pytest.raises(ValueError, match="base_step=True"):
-        bj.meta_grad(base_loss, meta_loss, tx, bj.sama(base_step=True))
+    with pytest.raises(ValueError, match="step_along_v=True takes a step on the base"):
+        bj.meta_grad(base_loss, meta_loss, tx, bj.sama(step_along_v=True))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_nonfinite_hypergradient_warns_with_warn_and_is_still_dropped(jit):
+    base_loss, nan_meta, tx, theta, state, lam, bb, mb = _nan_setup()
+    mg = bj.meta_grad(base_loss, nan_meta, tx, on_nonfinite="warn")
+    incoming = jax.tree.map(lambda x: jnp.full_like(x, 0.25), lam)
+    fn = lambda u, s, p: mg.update(u, s, p, **_kwargs(theta, state, bb, mb))  # noqa: E731
+    with pytest.warns(RuntimeWarning, match="meta_grad: the hypergradient is not finite.*logit"):
+        upd, st = (jax.jit(fn) if jit else fn)(incoming, mg.init(lam), lam)
+        jax.effects_barrier()
+    np.testing.assert_array_equal(upd["logit"], incoming["logit"])
+    assert int(st.nonfinite_count) == 1 and int(st.count) == 1
 
 
 def test_bad_on_nonfinite_is_rejected():
