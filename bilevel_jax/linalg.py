@@ -40,7 +40,13 @@ Matvec = Callable[[PyTree], PyTree]
 
 
 def hvp(f: Callable, params: PyTree, v: PyTree, *args) -> PyTree:
-    """Hessian-vector product ``∇²f(params) v`` by forward-over-reverse autodiff."""
+    """Hessian-vector product ``∇²f(params) v`` by forward-over-reverse autodiff.
+
+    Example:
+      >>> f = lambda x: jnp.sum(x**3)  # ∇²f = diag(6x)
+      >>> print(hvp(f, jnp.array([1.0, 2.0]), jnp.ones(2)))
+      [ 6. 12.]
+    """
     return jax.jvp(lambda p: jax.grad(f)(p, *args), (params,), (v,))[1]
 
 
@@ -59,7 +65,13 @@ def solve_cg(
     tol: float = 1e-10,
     damping: float = 0.0,
 ) -> PyTree:
-    """Conjugate gradient for ``(A + δI) x = b`` (A symmetric positive definite)."""
+    """Conjugate gradient for ``(A + δI) x = b`` (A symmetric positive definite).
+
+    Example:
+      >>> A = jnp.array([[4.0, 1.0], [1.0, 3.0]])
+      >>> print(solve_cg(lambda x: A @ x, jnp.array([1.0, 2.0])).round(4))
+      [0.0909 0.6364]
+    """
     return sparse_linalg.cg(_damped(matvec, damping), b, x0=x0, tol=tol, maxiter=maxiter)[0]
 
 
@@ -73,7 +85,13 @@ def solve_gmres(
     damping: float = 0.0,
     restart: int = 20,
 ) -> PyTree:
-    """GMRES for ``(A + δI) x = b`` (any nonsingular A)."""
+    """GMRES for ``(A + δI) x = b`` (any nonsingular A).
+
+    Example:
+      >>> A = jnp.array([[2.0, 1.0], [0.0, 3.0]])  # not symmetric
+      >>> print(solve_gmres(lambda x: A @ x, jnp.array([3.0, 3.0])).round(4))
+      [1. 1.]
+    """
     return sparse_linalg.gmres(
         _damped(matvec, damping),
         b,
@@ -94,7 +112,13 @@ def solve_bicgstab(
     tol: float = 1e-10,
     damping: float = 0.0,
 ) -> PyTree:
-    """BiCGStab for ``(A + δI) x = b`` (any nonsingular A)."""
+    """BiCGStab for ``(A + δI) x = b`` (any nonsingular A).
+
+    Example:
+      >>> A = jnp.array([[2.0, 1.0], [0.0, 3.0]])
+      >>> print(solve_bicgstab(lambda x: A @ x, jnp.array([3.0, 3.0])).round(4))
+      [1. 1.]
+    """
     return sparse_linalg.bicgstab(_damped(matvec, damping), b, x0=x0, tol=tol, maxiter=maxiter)[0]
 
 
@@ -111,6 +135,11 @@ def solve_neumann(
 
     Converges to ``A⁻¹b`` when ``0 < η < 2/λ_max(A)`` and A is positive definite;
     the error after K terms is ``(I − ηA)^{K+1} A⁻¹ b``. ``x0`` is ignored.
+
+    Example:
+      >>> A = jnp.diag(jnp.array([1.0, 2.0]))
+      >>> print(solve_neumann(lambda x: A @ x, jnp.ones(2), maxiter=60, eta=0.5).round(4))
+      [1.  0.5]
     """
     del x0
     a = _damped(matvec, damping)
@@ -127,7 +156,14 @@ def solve_neumann(
 def solve_dense(
     matvec: Matvec, b: PyTree, *, x0: PyTree | None = None, damping: float = 0.0, **unused
 ) -> PyTree:
-    """Materialise ``A + δI`` (n matvecs, vmapped) and solve exactly. For small problems."""
+    """Materialise ``A + δI`` (n matvecs, vmapped) and solve exactly. For small problems.
+
+    Example:
+      >>> A = jnp.array([[2.0, 1.0], [0.0, 3.0]])
+      >>> matvec = lambda t: {"x": A @ t["x"]}  # any pytree
+      >>> print(solve_dense(matvec, {"x": jnp.array([3.0, 3.0])})["x"].round(4))
+      [1. 1.]
+    """
     del x0, unused
     flat_b, unravel = ravel_pytree(b)
     a = _damped(matvec, damping)
@@ -146,7 +182,15 @@ SOLVERS: dict[str, Callable] = {
 
 
 def get_solver(solve: str | Callable) -> Callable:
-    """Look up a solver by name (``cg``, ``gmres``, ``bicgstab``, ``neumann``, ``dense``) or pass one."""
+    """Look up a solver by name (``cg``, ``gmres``, ``bicgstab``, ``neumann``, ``dense``) or pass one.
+
+    Only the deprecated string spellings (``custom_root(solve="cg")``,
+    ``Implicit(solve="cg")``) use it; pass the solver function itself instead.
+
+    Example:
+      >>> get_solver("cg") is solve_cg
+      True
+    """
     if callable(solve):
         return solve
     try:

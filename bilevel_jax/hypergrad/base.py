@@ -38,6 +38,13 @@ class BilevelProblem:
       base_loss: ``L_b(θ, λ, batch) -> scalar``, the training loss shaped by λ.
       meta_loss: ``L_m(θ, λ, batch) -> scalar``, the clean/target objective.
       base_tx: the optax transform that trains θ on ``base_loss``.
+
+    Example:
+      >>> import optax
+      >>> loss = lambda th, lam, batch: jnp.sum((th - lam) ** 2)
+      >>> problem = BilevelProblem(loss, loss, optax.sgd(0.1))
+      >>> problem.base_tx is not None
+      True
     """
 
     base_loss: Loss
@@ -56,6 +63,13 @@ class BilevelInputs(NamedTuple):
       meta_batch: the meta batch B'.
       last_grad: optional gradient of the last base step (SAMA ``adapt_from="last"``).
       last_opt_state: optional base optimizer state before the last base step.
+
+    Example:
+      >>> import optax
+      >>> th, lam = jnp.zeros(2), jnp.ones(2)
+      >>> inputs = BilevelInputs(th, lam, optax.sgd(0.1).init(th), None, None)
+      >>> inputs.last_grad is None
+      True
     """
 
     base_params: PyTree
@@ -76,6 +90,17 @@ class Hypergrad(NamedTuple):
       meta_loss: L_m at the current θ on the meta batch.
       finite: True when ``meta_grad`` (and ``base_update``) hold no NaN/inf.
       info: method diagnostics (for SAMA: ``eps`` and ``v_norm``).
+
+    Example:
+      >>> import optax
+      >>> import bilevel_jax as bj
+      >>> loss = lambda th, lam, batch: jnp.sum((th - lam) ** 2)
+      >>> problem = bj.BilevelProblem(loss, loss, optax.sgd(0.1))
+      >>> th, lam = jnp.zeros(2), jnp.ones(2)
+      >>> inputs = bj.BilevelInputs(th, lam, optax.sgd(0.1).init(th), None, None)
+      >>> hg, _ = bj.sama().hypergrad(problem, inputs, None)
+      >>> hg.meta_grad.shape, bool(hg.finite), sorted(hg.info), hg.base_update
+      ((2,), True, ['eps', 'v_norm'], None)
     """
 
     meta_grad: PyTree

@@ -107,7 +107,23 @@ def sama_hypergrad(
 
     Precision: ‖v‖, ε, the perturbed parameters θ ± εv and the difference are
     computed in float32 or wider; bf16 base parameters are perturbed in float32
-    and the loss sees float32 parameters.
+    and the loss sees float32 parameters (``docs/precision.md``).
+
+    :func:`sama` builds the method object that calls this function once per meta step;
+    use this one directly when you have the arrays and no training loop.
+
+    Example (quadratic losses, where the central difference is exact):
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> base = lambda th, lam, b: jnp.sum((th - lam) ** 2)
+      >>> meta = lambda th, lam, b: jnp.sum((th - 2.0) ** 2)
+      >>> tx, th = optax.sgd(0.5), jnp.zeros(2)
+      >>> hg = sama_hypergrad(
+      ...     base, meta, base_params=th, meta_params=jnp.ones(2), base_tx=tx,
+      ...     base_opt_state=tx.init(th), base_batch=None, meta_batch=None,
+      ... )
+      >>> print(hg.meta_grad, float(hg.info["eps"]) > 0)
+      [-4. -4.] True
     """
     if difference not in ("vmap", "sequential"):
         raise ValueError(f"difference must be 'vmap' or 'sequential', got {difference!r}")
