@@ -17,6 +17,7 @@ constructor call and is deterministic, so results can record ``repr(method)``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -159,11 +160,20 @@ class HypergradMethod(Protocol):
     ) -> tuple[Hypergrad, PyTree]: ...
 
 
+def _value_key(x: Any) -> Any:
+    if isinstance(x, functools.partial):
+        kw = tuple(sorted((k, _value_key(v)) for k, v in x.keywords.items()))
+        return ("partial", _value_key(x.func), tuple(map(_value_key, x.args)), kw)
+    return x
+
+
 class MethodBase:
     """Defaults of the :class:`HypergradMethod` contract shared by the built-in methods.
 
-    Subclasses are frozen keyword-only dataclasses declared with ``repr=False`` so that this
-    ``__repr__`` (the constructor call with every field, callables by name) is used.
+    Subclasses are frozen keyword-only dataclasses declared with ``repr=False, eq=False`` so
+    that this ``__repr__`` (the constructor call with every field, callables by name) and
+    value equality/hash (two ``cg(5)`` are equal, although each holds its own
+    ``functools.partial``) are used.
 
     Example:
       >>> import bilevel_jax as bj
@@ -186,6 +196,19 @@ class MethodBase:
             "SAMA-type methods (sama, sama_na, darts). Use the default sync='mean' (the mean "
             "of the per-device estimates)."
         )
+
+    def _key(self) -> tuple:
+        """The settings, with ``functools.partial`` solvers compared by function and keywords."""
+        return tuple(_value_key(getattr(self, f.name)) for f in dataclasses.fields(self))  # type: ignore[arg-type]
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other._key() == self._key()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        try:
+            return hash((type(self), self._key()))
+        except TypeError:  # an unhashable setting (e.g. an array bound to a solver)
+            return hash((type(self), repr(self)))
 
     def __repr__(self) -> str:
         fields = dataclasses.fields(self)  # type: ignore[arg-type]

@@ -54,7 +54,7 @@ def darts(alpha: float = 0.01, *, step_along_v: bool = False) -> SAMA:
     )
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
+@dataclasses.dataclass(frozen=True, kw_only=True, repr=False, eq=False)
 class DartsSecondOrder(MethodBase):
     """Original DARTS with a virtual SGD step of size ξ (see the module docstring).
 

@@ -57,7 +57,7 @@ class ImplicitState(NamedTuple):
     p: PyTree
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
+@dataclasses.dataclass(frozen=True, kw_only=True, repr=False, eq=False)
 class Implicit(MethodBase):
     """An implicit hypergradient ``∇_λL_m − (∂²L_b/∂λ∂θ) H⁻¹ d`` with a chosen linear solver.
 

@@ -168,7 +168,7 @@ def sama_hypergrad(
     )
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
+@dataclasses.dataclass(frozen=True, kw_only=True, repr=False, eq=False)
 class SAMA(MethodBase):
     """SAMA as a hypergradient method object (see :func:`sama_hypergrad` for the math).
 

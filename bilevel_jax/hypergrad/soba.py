@@ -48,7 +48,7 @@ class SobaState(NamedTuple):
     count: jax.Array
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
+@dataclasses.dataclass(frozen=True, kw_only=True, repr=False, eq=False)
 class SOBA(MethodBase):
     """SOBA (see the module docstring).
 

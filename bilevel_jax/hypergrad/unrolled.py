@@ -37,7 +37,7 @@ from bilevel_jax.hypergrad.base import (
 __all__ = ["Unrolled", "itd", "dds"]
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
+@dataclasses.dataclass(frozen=True, kw_only=True, repr=False, eq=False)
 class Unrolled(MethodBase):
     """Reverse-mode differentiation through ``unroll`` base steps (see the module docstring).
 
