@@ -71,7 +71,7 @@ def main() -> None:
         out,
         w=np.asarray(state.base_params["w"]),
         lam=np.asarray(state.meta_params),
-        meta_step=int(state.meta_step),
+        meta_steps=int(state.meta_steps),
     )
     print("DONE", flush=True)
 

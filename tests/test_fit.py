@@ -91,7 +91,7 @@ def test_fit_equals_manual_steps_and_logs_one_line_per_step(tmp_path):
     evals = []
 
     def eval_fn(state):
-        evals.append(int(state.meta_step))
+        evals.append(int(state.meta_steps))
         return {"meta": meta_loss(state.base_params, None, META)}
 
     state, hist = bj.fit(
@@ -107,17 +107,17 @@ def test_fit_equals_manual_steps_and_logs_one_line_per_step(tmp_path):
     )
     ref, ref_metrics = manual(7)
     assert_trees_equal(state, ref)  # bit-identical on CPU
-    assert int(state.meta_step) == 7 and int(state.step) == 7 * K
+    assert int(state.meta_steps) == 7 and int(state.base_steps) == 7 * K
 
     lines = read_log(log)
     assert lines == hist
-    assert [r["meta_step"] for r in lines] == list(range(1, 8))
-    assert [r["step"] for r in lines] == [K * i for i in range(1, 8)]
+    assert [r["meta_steps"] for r in lines] == list(range(1, 8))
+    assert [r["base_steps"] for r in lines] == [K * i for i in range(1, 8)]
     for rec, m in zip(lines, ref_metrics):
         for k, v in m.items():
             assert math.isfinite(rec[k]) and rec[k] == float(v), k
     assert evals == [3, 6, 7]  # every 3 and after the last step
-    assert [r["meta_step"] for r in lines if "eval" in r] == [3, 6, 7]
+    assert [r["meta_steps"] for r in lines if "eval" in r] == [3, 6, 7]
     assert all(math.isfinite(r["eval"]["meta"]) for r in lines if "eval" in r)
 
 
@@ -152,7 +152,7 @@ def test_data_running_out_warns_and_stops():
             num_meta_steps=5,
             progress=False,
         )
-    assert int(state.meta_step) == 2 and len(hist) == 2
+    assert int(state.meta_steps) == 2 and len(hist) == 2
     state, hist = bj.fit(
         STEP,
         fresh_state(),
@@ -161,7 +161,7 @@ def test_data_running_out_warns_and_stops():
         num_meta_steps=None,
         progress=False,
     )
-    assert int(state.meta_step) == 1
+    assert int(state.meta_steps) == 1
 
 
 def test_max_skips_stops_with_clear_error(tmp_path):
@@ -179,10 +179,10 @@ def test_max_skips_stops_with_clear_error(tmp_path):
         )
     state = e.value.state
     assert int(state.skipped_base) > 3
-    assert int(state.meta_step) < 50  # stopped early (at most sync_lag steps after the limit)
+    assert int(state.meta_steps) < 50  # stopped early (at most sync_lag steps after the limit)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.base_params))
     lines = read_log(log)
-    assert len(lines) == int(state.meta_step) == len(e.value.history)
+    assert len(lines) == int(state.meta_steps) == len(e.value.history)
     assert [r["base_skipped"] for r in lines[:3]] == [0, 0, 0] and lines[3]["base_skipped"] == K
     # without a limit the same run completes, θ frozen at its last finite value
     state, _ = bj.fit(
@@ -205,7 +205,7 @@ class _Interrupt:
         self.at = at
 
     def __call__(self, state):
-        if int(state.meta_step) == self.at:
+        if int(state.meta_steps) == self.at:
             raise KeyboardInterrupt
         return {"meta": meta_loss(state.base_params, None, META)}
 
@@ -217,8 +217,8 @@ def test_interrupt_in_eval_fn_checkpoints_and_resume_matches(tmp_path):
         bj.fit(STEP, fresh_state(), base_fn, itertools.repeat(META), eval_fn=_Interrupt(6), **kw)
     assert ckpt.latest_step() == 6
     _, saved, extra = ckpt.restore(fresh_state())
-    assert extra["data_position"] == 6 and int(saved.meta_step) == 6
-    assert [r["meta_step"] for r in read_log(log)] == [1, 2, 3, 4, 5, 6]
+    assert extra["data_position"] == 6 and int(saved.meta_steps) == 6
+    assert [r["meta_steps"] for r in read_log(log)] == [1, 2, 3, 4, 5, 6]
 
     state, hist = bj.fit(
         STEP,
@@ -229,9 +229,9 @@ def test_interrupt_in_eval_fn_checkpoints_and_resume_matches(tmp_path):
         resume=True,
         **kw,
     )
-    assert [r["meta_step"] for r in hist] == [7, 8, 9, 10]
+    assert [r["meta_steps"] for r in hist] == [7, 8, 9, 10]
     assert_trees_equal(state, manual(10)[0])
-    assert [r["meta_step"] for r in read_log(log)] == list(range(1, 11))
+    assert [r["meta_steps"] for r in read_log(log)] == list(range(1, 11))
     assert ckpt.latest_step() == 10  # the final state is saved too
 
 
@@ -284,13 +284,13 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
     with pytest.raises(RuntimeError, match="node died"):
         bj.fit(STEP, fresh_state(), crashing, itertools.repeat(META), **kw)
     assert ckpt.all_steps() == [3, 6]
-    assert [r["meta_step"] for r in read_log(log)] == list(range(1, 8))
+    assert [r["meta_steps"] for r in read_log(log)] == list(range(1, 8))
     state, _ = bj.fit(STEP, fresh_state(), base_fn, itertools.repeat(META), resume=True, **kw)
     assert_trees_equal(state, manual(12)[0])
-    assert [r["meta_step"] for r in read_log(log)] == list(range(1, 13))  # step 7 not doubled
+    assert [r["meta_steps"] for r in read_log(log)] == list(range(1, 13))  # step 7 not doubled
     # resuming a finished run is a no-op
     again, hist = bj.fit(STEP, fresh_state(), base_fn, itertools.repeat(META), resume=True, **kw)
-    assert hist == [] and int(again.meta_step) == 12
+    assert hist == [] and int(again.meta_steps) == 12
 
 
 def test_fresh_run_refuses_a_directory_with_checkpoints(tmp_path):
@@ -414,5 +414,5 @@ def test_sigkill_during_fit_then_resume_is_bit_identical(tmp_path):
     resumed = run(tmp_path / "run", tmp_path / "run.npz")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "run.npz")
-    assert int(a["meta_step"]) == int(b["meta_step"]) == 40
+    assert int(a["meta_steps"]) == int(b["meta_steps"]) == 40
     assert a["w"].tobytes() == b["w"].tobytes() and a["lam"].tobytes() == b["lam"].tobytes()
