@@ -77,6 +77,7 @@ def __getattr__(name: str):
         with _warnings.catch_warnings():
             _warnings.simplefilter("ignore", DeprecationWarning)  # warned once, here
             module = _importlib.import_module("bilevel_jax.nnx_utils")
+        globals().pop("nnx_utils", None)  # set by the import; keep warning on every access
         _warnings.warn(
             "bilevel_jax.nnx_utils is deprecated; use bilevel_jax.nnx (bj.nnx)",
             DeprecationWarning,
