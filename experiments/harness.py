@@ -113,7 +113,7 @@ class StudyCLI:
     def __init__(
         self,
         study: str,
-        doc: str,
+        doc: str | None,
         *,
         quick: str,
         seeds: str | Unused,
@@ -123,7 +123,7 @@ class StudyCLI:
         self.study = study
         self.parser = argparse.ArgumentParser(
             prog=f"python -m experiments.{study}",
-            description=doc.strip().split("\n\n")[0],
+            description=(doc or study).strip().split("\n\n")[0],
             epilog=_DEFINITIONS,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
@@ -314,10 +314,15 @@ def provenance(argv: Sequence[str], study: str, *, device: bool = True) -> dict[
 
 
 def to_json(value: Any) -> Any:
-    """``value`` made JSON-ready: dataclasses become dicts of their fields, tuples lists, numpy
-    scalars and arrays Python numbers and lists, and any other object its ``repr`` (so a method
-    or a :class:`functools.partial` records its settings as the object prints them)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    """``value`` made JSON-ready: the studies' own dataclasses (configs) become dicts of their
+    fields, tuples lists, numpy scalars and arrays Python numbers and lists, and any other object
+    its ``repr`` (so a method or an optimizer :class:`Recipe` records its settings as the object
+    prints them)."""
+    if (
+        dataclasses.is_dataclass(value)
+        and not isinstance(value, type)
+        and type(value).__module__.startswith("experiments")
+    ):
         return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, dict):
         return {str(k): to_json(v) for k, v in value.items()}

@@ -5,7 +5,7 @@ import json
 from tests._run_module import run_module
 
 
-def check_provenance(r: dict, module: str) -> None:
+def check_provenance(r: dict, module: str, data: bool = True) -> None:
     """What every study records: code, packages, device, data files and the command line."""
     prov = r["provenance"]
     assert prov["git_commit"] and isinstance(prov["git_dirty"], bool)
@@ -13,18 +13,22 @@ def check_provenance(r: dict, module: str) -> None:
     assert prov["packages"]["jax"] and prov["python"]
     assert prov["command"].startswith(f"python -m {module} ") and "--quick" in prov["argv"]
     assert prov["device"]["platform"] and prov["device"]["count"] >= 1
-    assert all(f["sha256"] for f in prov["data_files"]) and prov["data_files"]
+    assert all(f["sha256"] for f in prov["data_files"]) and bool(prov["data_files"]) == data
 
 
-def run_study(module: str, tmp_path, stem: str, *args: str, timeout: float = 300) -> dict:
-    """``python -m module --quick ... --json tmp_path/stem.json``: its JSON (the PNG is checked)."""
+def run_study(
+    module: str, tmp_path, stem: str, *args: str, timeout: float = 300, data: bool = True
+) -> dict:
+    """``python -m module --quick ... --json tmp_path/stem.json``: its JSON (the PNG is checked).
+
+    ``data``: the study reads a data file (False: its data are synthetic)."""
     out = tmp_path / f"{stem}.json"
     proc = run_module(module, "--quick", *args, "--json", str(out), timeout=timeout)
-    assert "sha256=" in proc.stdout  # the data file read is reported
+    assert ("sha256=" in proc.stdout) == data  # the data file read is reported
     assert (tmp_path / f"{stem}.png").stat().st_size > 0
     r = json.loads(out.read_text())
     assert r["quick"] is True
-    check_provenance(r, module)
+    check_provenance(r, module, data)
     return r
 
 
