@@ -381,6 +381,13 @@ class BilevelStep:
         Updates ``base_params``, ``base_opt_state``, ``model_state``, ``base_steps`` and
         ``skipped_base``; the base steps' keys (``use_rng=True``) are split from
         ``state.rng`` (``__call__`` passes a key split off for them).
+
+        >>> import jax.numpy as jnp, optax, bilevel_jax as bj
+        >>> step = bj.bilevel_step(lambda t, l, b: jnp.sum((t - b) ** 2),
+        ...                        lambda t, l, b: jnp.sum(t**2), optax.sgd(0.25), optax.sgd(0.1))
+        >>> state, base = step.base_phase(step.init(jnp.zeros(2), jnp.zeros(2)), jnp.ones((2, 2)))
+        >>> state.base_params, base.losses, int(state.base_steps)  # θ ← θ − 0.25 · 2 (θ − 1)
+        (Array([0.75, 0.75], dtype=float32), Array([2. , 0.5], dtype=float32), 2)
         """
         k = _leading_size(base_batches)
         keys = jax.random.split(state.rng, k)
@@ -456,6 +463,15 @@ class BilevelStep:
         ``last_opt_state`` are the last base step's gradient and pre-update optimizer state
         (:class:`BasePhase`; needed by SAMA's ``adapt_from="last"`` only). The returned
         :class:`~bilevel_jax.Hypergrad` has ``finite`` False when the step was skipped.
+
+        >>> import jax.numpy as jnp, optax, bilevel_jax as bj
+        >>> base = lambda th, lam, x: jnp.mean((th - x) ** 2) + jnp.sum(lam * th**2)
+        >>> meta = lambda th, lam, x: jnp.mean((th - x) ** 2)
+        >>> step = bj.bilevel_step(base, meta, optax.sgd(0.1), optax.sgd(1.0), bj.sama_na(0.1))
+        >>> state = step.init(jnp.full(2, 0.5), jnp.full(2, 0.5))
+        >>> new, hg = step.meta_phase(state, jnp.ones(2), jnp.ones(2))
+        >>> int(new.meta_steps), bool(hg.finite), bool(jnp.all(new.meta_params < 0.5))
+        (1, True, True)
         """
         hg, method_state = self._hypergrad(state, base_batch, meta_batch, last_grad, last_opt_state)
         lam = state.meta_params

@@ -115,10 +115,22 @@ def data_parallel(step: BilevelStep, mesh: Mesh, *, axis_name: str = "data") -> 
       ``f(state, base_batches, meta_batch) -> (state, metrics)``: ``base_batches`` leaves are
       ``(K, batch, ...)`` and are split along the batch axis; ``meta_batch`` leaves are split
       along their first axis; the state is replicated. Wrap it in ``jax.jit``.
+
+    >>> import jax, jax.numpy as jnp, numpy as np, optax, bilevel_jax as bj
+    >>> from jax.sharding import Mesh
+    >>> base = lambda th, lam, b: jnp.mean((b @ th - 1.0) ** 2) + jnp.sum(lam * th**2)
+    >>> meta = lambda th, lam, b: jnp.mean((b @ th - 1.0) ** 2)
+    >>> step = bj.bilevel_step(base, meta, optax.sgd(0.1), optax.sgd(0.1), bj.sama(0.1))
+    >>> mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    >>> dp = jax.jit(bj.parallel.data_parallel(step, mesh))
+    >>> state, metrics = dp(step.init(jnp.zeros(3), jnp.zeros(3)), jnp.ones((2, 4, 3)),
+    ...                     jnp.ones((4, 3)))
+    >>> int(state.base_steps), bool(jnp.isfinite(metrics["meta_loss"]))
+    (2, True)
     """
-    local = dataclasses.replace(step, axis_name=axis_name)
+    per_device = dataclasses.replace(step, axis_name=axis_name)
     return jax.shard_map(
-        local,
+        per_device,
         mesh=mesh,
         in_specs=(P(), P(None, axis_name), P(axis_name)),
         out_specs=(P(), P()),
@@ -155,7 +167,23 @@ def collective_report(compiled_text: str) -> dict:
 
     Returns ``{"base_step_allreduces", "base_step_bytes", "meta_step_allreduces",
     "meta_step_bytes", "all_reduces", "in_loop_body", "outside_loops", "other_collectives"}``,
-    the first four derived as above from the raw counts that follow.
+    the first four derived as above from the raw counts that follow. Pass the text of the
+    compiled step: ``jax.jit(data_parallel(step, mesh)).lower(*args).compile().as_text()``
+    (``docs/parallel.md`` explains the counting).
+
+    >>> hlo = (
+    ...     "%body.1 (p: f32[4]) -> f32[4] {\\n"
+    ...     "  %ar = f32[4]{0} all-reduce(f32[4]{0} %p), replica_groups={}\\n"
+    ...     "}\\n"
+    ...     "ENTRY %main (a: f32[4]) -> f32[4] {\\n"
+    ...     "  %w = f32[4]{0} while(f32[4]{0} %a), condition=%c, body=%body.1\\n"
+    ...     "  %ar.2 = f32[4]{0} all-reduce(f32[4]{0} %w), replica_groups={}\\n"
+    ...     "  %ar.3 = f32[2]{0} all-reduce(f32[2]{0} %x), replica_groups={}\\n"
+    ...     "}\\n"
+    ... )
+    >>> r = collective_report(hlo)
+    >>> r["base_step_allreduces"], r["base_step_bytes"], r["meta_step_allreduces"], r["meta_step_bytes"]
+    (1, 16, 1, 8)
     """
     blocks = dict(re.findall(r"^(?:ENTRY )?(%[\w.-]+) .*?\{\n(.*?)^\}", compiled_text, re.S | re.M))
     bodies = set(re.findall(r"body=(%[\w.-]+)", compiled_text))
