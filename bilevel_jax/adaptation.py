@@ -122,7 +122,7 @@ class _Node:
 class _Rule(_Node):
     """A closed-form rule: ``rule(g, state, params, w) -> Jᵀw``."""
 
-    rule: Callable = None
+    rule: Callable = None  # type: ignore[assignment] - always given
 
     def vjp(self, g, state, params, w):
         return self.rule(g, state, params, w)
@@ -188,7 +188,7 @@ class _Chain(_Node):
 class _Masked(_Node):
     """``optax.masked(inner, mask)``: the inner Jacobian on masked leaves, identity elsewhere."""
 
-    inner: _Node = None
+    inner: _Node = None  # type: ignore[assignment] - always given
     mask: Any = None
 
     def _mask_tree(self, g):
@@ -215,7 +215,7 @@ class _Masked(_Node):
 class _Inject(_Node):
     """``optax.inject_hyperparams``: the inner optimizer is rebuilt from the state."""
 
-    cells: dict = None
+    cells: dict = None  # type: ignore[assignment] - always given
 
     def _inner(self, state, params):
         c = self.cells
@@ -248,7 +248,7 @@ def _convert_floats(x, dtype):
     if isinstance(x, jax.Array) and not getattr(x, "weak_type", False):
         return x
     current = x.dtype if hasattr(x, "dtype") else type(x)
-    if jax.dtypes.issubdtype(current, jnp.floating):
+    if jnp.issubdtype(current, jnp.floating):
         return jnp.asarray(x, dtype=dtype)
     return x
 

@@ -206,6 +206,7 @@ def test_nnx_utils_alias_module():
         mod = importlib.import_module("bilevel_jax.nnx_utils")
     assert mod.split_params is bj.nnx.split_params
     assert mod.merge is bj.nnx.merge and mod.apply is bj.nnx.apply
-    vars(bj).pop("nnx_utils", None)  # the import set the package attribute
+    if "nnx_utils" in bj.__dict__:  # the import set the package attribute
+        delattr(bj, "nnx_utils")
     with pytest.warns(DeprecationWarning, match=r"use bilevel_jax.nnx \(bj.nnx\)"):
         assert bj.nnx_utils.apply is bj.nnx.apply  # the attribute spelling warns too

@@ -376,9 +376,9 @@ def test_bad_solver_keywords_are_rejected_early():
     with pytest.raises(TypeError, match=r"does not accept the keywords \['maxiter'\]"):
         custom_root(jax.grad(inner_loss), solve=lambda matvec, b, *, x0=None: b, maxiter=3)
     with pytest.raises(TypeError, match="solve must be a callable"):
-        custom_root(jax.grad(inner_loss), solve=3)
+        custom_root(jax.grad(inner_loss), solve=3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="on_nonfinite must be one of"):
-        custom_root(jax.grad(inner_loss), on_nonfinite="ignore")
+        custom_root(jax.grad(inner_loss), on_nonfinite="ignore")  # type: ignore[arg-type]
 
 
 def test_default_adjoint_maxiter():

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +61,7 @@ class SOBA(MethodBase):
       SOBA(rho=0.05, name='soba')
     """
 
-    rho: float | Callable[[jax.Array], jax.Array] = 0.01
+    rho: float | Callable[[Any], Any] = 0.01
     name: str = "soba"
     info_keys = ("residual_norm",)
 
@@ -86,7 +86,7 @@ class SOBA(MethodBase):
         return assemble(inputs.meta_params, direct, h, meta_val, info=info), new_state
 
 
-def soba(rho: float | Callable[[jax.Array], jax.Array] = 0.01) -> SOBA:
+def soba(rho: float | Callable[[Any], Any] = 0.01) -> SOBA:
     """SOBA with step ρ (constant or a schedule of the meta-step count).
 
     Example:
