@@ -42,7 +42,14 @@ __all__ = ["SOBA", "SobaState", "soba"]
 
 
 class SobaState(NamedTuple):
-    """SOBA's state: the estimate ``z ≈ −H⁻¹d`` and the meta-step count (for ρ schedules)."""
+    """SOBA's state: the estimate ``z ≈ −H⁻¹d`` and the meta-step count (for ρ schedules).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> state = soba().init(jnp.ones(3), None)
+      >>> state.z, int(state.count)
+      (Array([0., 0., 0.], dtype=float32), 0)
+    """
 
     z: PyTree
     count: jax.Array
