@@ -52,7 +52,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 
@@ -209,10 +209,10 @@ def _open_writers(
 
 
 # -- resume / positioning -----------------------------------------------------------------------
-def _open(source, position: int, origin: int, name: str) -> Iterator:
+def _open(source: Any, position: int, origin: int, name: str) -> Iterator:
     """An iterator over ``source`` positioned at meta step ``position`` (see module docstring)."""
     if callable(source) and not isinstance(source, Iterable):
-        return iter(source(position))
+        return iter(cast(Callable[[int], Iterable], source)(position))
     it = iter(source)
     for i in range(position - origin):  # re-created plain iterable: skip what was consumed
         try:

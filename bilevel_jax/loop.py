@@ -201,7 +201,7 @@ def _leading_size(base_batches: PyTree) -> int:
             "every leaf of base_batches needs the same leading axis (the K base steps); "
             f"got leading sizes {sorted(map(str, sizes))}"
         )
-    k = sizes.pop()
+    k = int(sizes.pop())  # type: ignore[arg-type] - None was excluded above
     if k == 0:
         raise _checks.BilevelInputError("base_batches has K = 0 base steps; K must be at least 1")
     for p, x in jax.tree_util.tree_flatten_with_path(base_batches)[0]:
@@ -428,12 +428,9 @@ class BilevelStep:
             self._meta(model_state, rng, dtype),
             self.base_tx,
         )
-        inputs = BilevelInputs(
-            *self._local((state.base_params, state.meta_params, state.base_opt_state)),
-            base_batch,
-            meta_batch,
-            *self._local((last_grad, last_opt_state)),
-        )
+        theta, lam, s = self._local((state.base_params, state.meta_params, state.base_opt_state))
+        last_g, last_s = self._local((last_grad, last_opt_state))
+        inputs = BilevelInputs(theta, lam, s, base_batch, meta_batch, last_g, last_s)
         hg, method_state = self._method.hypergrad(problem, inputs, self._local(state.method_state))
         if self.axis_name is None:
             return hg, method_state
@@ -450,7 +447,7 @@ class BilevelStep:
         meta_batch: PyTree,
         *,
         last_grad: PyTree = None,
-        last_opt_state: optax.OptState = None,
+        last_opt_state: optax.OptState | None = None,
     ) -> tuple[BilevelState, Hypergrad]:
         """One meta step at ``state.base_params``; returns the new state and the hypergradient.
 
@@ -631,7 +628,7 @@ def init_bilevel_state(
     return step.init(base_params, meta_params, model_state=model_state, rng=rng)
 
 
-def check_skips(state: BilevelState, max_skips: int | None) -> None:
+def check_skips(state: Any, max_skips: int | None) -> None:
     """Raise :class:`TooManySkipsError` when more than ``max_skips`` steps were skipped (host-side).
 
     ``state`` is anything with ``skipped_base`` and ``skipped_meta``.

@@ -98,7 +98,7 @@ def _apply(updates, state: MetaGradState, result, method_state, info_keys) -> tu
         lambda u, h: jnp.where(ok, u + h.astype(u.dtype), u), updates, result.meta_grad
     )
     new_state = MetaGradState(
-        count=optax.safe_increment(state.count),
+        count=jnp.asarray(optax.safe_increment(state.count)),
         nonfinite_count=state.nonfinite_count + (~ok).astype(jnp.int32),
         method_state=jax.tree.map(
             lambda new, old: jnp.where(ok, new, old), method_state, state.method_state
@@ -113,14 +113,14 @@ def _update_fn(method: HypergradMethod, problem: BilevelProblem, on_nonfinite: s
     def update_fn(
         updates,
         state,
-        params=None,
+        params: Any = None,
         *,
-        base_params=None,
-        base_opt_state=None,
-        base_batch=None,
-        meta_batch=None,
-        last_grad=None,
-        last_opt_state=None,
+        base_params: Any = None,
+        base_opt_state: Any = None,
+        base_batch: Any = None,
+        meta_batch: Any = None,
+        last_grad: Any = None,
+        last_opt_state: Any = None,
         **extra_args,
     ):
         del extra_args
@@ -133,7 +133,13 @@ def _update_fn(method: HypergradMethod, problem: BilevelProblem, on_nonfinite: s
             meta_batch=meta_batch,
         )
         inputs = BilevelInputs(
-            base_params, params, base_opt_state, base_batch, meta_batch, last_grad, last_opt_state
+            base_params,
+            params,
+            base_opt_state,
+            base_batch,
+            meta_batch,
+            last_grad,
+            last_opt_state,
         )
         result, method_state = method.hypergrad(problem, inputs, state.method_state)
         _nonfinite.report(
