@@ -321,7 +321,7 @@ def to_json(value: Any) -> Any:
     if (
         dataclasses.is_dataclass(value)
         and not isinstance(value, type)
-        and type(value).__module__.startswith("experiments")
+        and type(value).__module__.split(".")[0] in ("experiments", "__main__")
     ):
         return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, dict):
