@@ -287,9 +287,7 @@ def _run_scan(cfg: Config, method, x, y, xm, ym, lam_star):
 
     def base_step(carry, _):
         w, s, lam = carry
-        r = bj.base_step(
-            base_loss, base_tx, w, s, lam, base_batch, check_finite=harness.PLAIN_CHECK_FINITE
-        )
+        r = bj.base_step(base_loss, base_tx, w, s, lam, base_batch)
         return (r.params, r.opt_state, lam), None
 
     def meta_step(carry, _):

@@ -64,7 +64,6 @@ __all__ = [
     "to_json",
     "per_step_records",
     "batch_indices",
-    "PLAIN_CHECK_FINITE",
     "plain_segment",
     "bilevel_segment",
     "summarize",
@@ -437,15 +436,7 @@ def batch_indices(n: int, steps: int, batch_size: int, seed: int) -> np.ndarray:
     return np.concatenate(idx).reshape(-1, batch_size)[:steps]
 
 
-PLAIN_CHECK_FINITE = False
-"""``check_finite`` of the studies' plain base steps (:func:`bilevel_jax.base_step`).
-
-Off: a plain run has no step to skip in these studies, and XLA on CPU rounds an update compiled
-under the finite check's ``lax.cond`` differently (by one float32 ulp, measured) from the plain
-update, so keeping it off leaves the committed plain baselines reproducible bit for bit."""
-
-
-def plain_segment(loss_fn: Callable, tx: Any, check_finite: bool = PLAIN_CHECK_FINITE) -> Callable:
+def plain_segment(loss_fn: Callable, tx: Any) -> Callable:
     """Jitted ``seg(θ, s, idx, x, y) -> (θ, s, mean loss)``: one :func:`bilevel_jax.base_step`
     of ``loss_fn(θ, (x[i], y[i]))`` and ``tx`` per row ``i`` of ``idx`` (a ``lax.scan``)."""
     import jax
@@ -455,7 +446,7 @@ def plain_segment(loss_fn: Callable, tx: Any, check_finite: bool = PLAIN_CHECK_F
     @jax.jit
     def seg(theta, s, idx, x, y):
         def body(carry, i):
-            r = bj.base_step(loss_fn, tx, *carry, (x[i], y[i]), check_finite=check_finite)
+            r = bj.base_step(loss_fn, tx, *carry, (x[i], y[i]))
             return (r.params, r.opt_state), r.loss
 
         (theta, s), loss = jax.lax.scan(body, (theta, s), idx)

@@ -200,7 +200,7 @@ def _base_steps(cfg: Config, theta, s, lam, train, n: int):
     tx = make_base_tx(cfg)
 
     def step(carry, _):
-        r = bj.base_step(base_loss, tx, *carry, lam, train, check_finite=harness.PLAIN_CHECK_FINITE)
+        r = bj.base_step(base_loss, tx, *carry, lam, train)
         return (r.params, r.opt_state), None
 
     (theta, s), _ = lax.scan(step, (theta, s), None, length=n)
