@@ -471,7 +471,7 @@ def fit(
             raise
         except TooManySkipsError as e:
             r.flush(keep=0, check=False)
-            e.state, e.history = r.state, r.history  # type: ignore[attr-defined]
+            e.state, e.history = r.state, r.history
             raise
         except Exception:
             with contextlib.suppress(Exception):  # best effort: log the completed steps

@@ -96,6 +96,10 @@ class TooManySkipsError(FloatingPointError):
     True
     """
 
+    # set by ``fit`` before it re-raises: the state it stopped at and this call's log records
+    state: BilevelState
+    history: list[dict]
+
 
 def _deprecated(old: str, new: str, stacklevel: int = 3) -> None:
     warnings.warn(f"{old} is deprecated; use {new}", DeprecationWarning, stacklevel=stacklevel)

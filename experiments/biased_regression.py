@@ -99,7 +99,7 @@ import gc
 import time
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -324,7 +324,8 @@ def _run_scan(cfg: Config, method, x, y, xm, ym, lam_star):
     carry = (w0, base_tx.init(w0), lam0, meta_tx.init(lam0))
     (w, _, lam, ms), rec = lax.scan(meta_step, carry, None, length=cfg.meta_steps)
     rec["dist"] = jnp.concatenate([rec["dist"], jnp.linalg.norm(lam - lam_star)[None]])
-    rec["nonfinite_count"] = ms[0].nonfinite_count
+    meta_grad_state: bj.MetaGradState = cast(tuple, ms)[0]  # ms: the chain's state
+    rec["nonfinite_count"] = meta_grad_state.nonfinite_count
     return lam, rec
 
 
@@ -380,6 +381,8 @@ def measure_cost(cfg: Config, methods: dict[str, Any], data: dict) -> dict[str, 
         args[name] = (w, lam, s, method.init(w, lam), x, y, xm, ym)
         compiled = jax.jit(step).lower(*args[name]).compile()
         mem = compiled.memory_analysis()
+        if mem is None:
+            raise RuntimeError(f"{name}: XLA gave no memory analysis for the compiled step")
         fns[name] = compiled
         out[name] = {
             "temp_bytes": int(mem.temp_size_in_bytes),
@@ -411,7 +414,8 @@ def run_experiment(cfg: Config = Config()) -> dict[str, Any]:
     with jax.enable_x64(True):
         data = make_data(cfg)
         lam_star = solve_lambda_star(data["x"], data["y"], data["xm"], data["ym"], cfg.beta)
-        xs = [jnp.asarray(data[k], jnp.float64) for k in ("x", "y", "xm", "ym")]
+        x, y, xm, ym = (jnp.asarray(data[k], jnp.float64) for k in ("x", "y", "xm", "ym"))
+        xs = (x, y, xm, ym)
         g_star = np.asarray(closed_form_meta_grad(jnp.asarray(lam_star), *xs, cfg.beta))
         g_zero = np.asarray(closed_form_meta_grad(jnp.zeros(cfg.d, jnp.float64), *xs, cfg.beta))
         opt_loss = float(meta_objective(jnp.asarray(lam_star), *xs, cfg.beta))
@@ -466,7 +470,7 @@ def write_png(result: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 5))
-    colors = dict(zip(METHODS, plt.get_cmap("tab10").colors))
+    colors = dict(zip(METHODS, matplotlib.color_sequences["tab10"]))  # = tab10 colormap's colors
     for key in METHODS:
         label, ls = _STYLE[key]
         r, c = result[key], colors[key]

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.typing import ArrayLike
 
 __all__ = [
     "MLP",
@@ -166,13 +167,13 @@ class ReweightLosses:
     def __init__(self, model_def: nnx.GraphDef, mwn_def: nnx.GraphDef, normalize: str = "sum"):
         self.model_def, self.mwn_def, self.normalize = model_def, mwn_def, normalize
 
-    def logits(self, theta: PyTree, x: jax.Array) -> jax.Array:
+    def logits(self, theta: PyTree, x: ArrayLike) -> jax.Array:
         return nnx.merge(self.model_def, theta)(x)
 
-    def per_example(self, theta: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
+    def per_example(self, theta: PyTree, x: ArrayLike, y: ArrayLike) -> jax.Array:
         return optax.softmax_cross_entropy_with_integer_labels(self.logits(theta, x), y)
 
-    def weights(self, theta: PyTree, lam: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
+    def weights(self, theta: PyTree, lam: PyTree, x: ArrayLike, y: ArrayLike) -> jax.Array:
         ce = jax.lax.stop_gradient(self.per_example(theta, x, y))
         return nnx.merge(self.mwn_def, lam)(ce)
 

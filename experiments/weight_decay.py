@@ -56,7 +56,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -259,7 +259,7 @@ def run_method(cfg: Config, method, batches: dict, train_fixed) -> dict[str, Any
             base_batch=train,
             meta_batch=val,
         )
-        lam = optax.apply_updates(lam, upd)
+        lam = cast(jax.Array, optax.apply_updates(lam, upd))  # λ is one array
         theta, s = _base_steps(cfg, theta, s, lam, train, cfg.meta_interval)
         return (theta, s, lam, ms), meta_loss(theta, lam, val)
 
@@ -285,6 +285,7 @@ def run_method(cfg: Config, method, batches: dict, train_fixed) -> dict[str, Any
         wall.append(now - t_start)
         val_loss.append(float(v))
     theta, _, lam, ms = carry
+    meta_grad_state: bj.MetaGradState = cast(tuple, ms)[0]  # ms: the chain's state
 
     lam_np = np.asarray(lam)
     decay = np.exp(lam_np)
@@ -296,7 +297,7 @@ def run_method(cfg: Config, method, batches: dict, train_fixed) -> dict[str, Any
         "step_ms_median": 1e3 * float(np.median(step_s)),
         "compile_and_first_step_s": compile_s,
         "total_s": wall[-1],
-        "nonfinite_count": int(ms[0].nonfinite_count),
+        "nonfinite_count": int(meta_grad_state.nonfinite_count),
         "decay_final": {
             "min": float(decay.min()),
             "median": float(np.median(decay)),

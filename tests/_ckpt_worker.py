@@ -17,7 +17,7 @@ import argparse
 import os
 import signal
 import sys
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +75,8 @@ def main() -> None:
         xb = xb + 0.01 * jax.random.normal(sub, xb.shape)
         g = jax.grad(loss)(s.params, xb, yb)
         updates, opt_state = tx.update(g, s.opt_state, s.params)
-        return TrainState(optax.apply_updates(s.params, updates), opt_state, s.step + 1, key)
+        new_params = cast(dict, optax.apply_updates(s.params, updates))
+        return TrainState(new_params, opt_state, s.step + 1, key)
 
     ckpt = Checkpointer(a.directory, max_to_keep=2)
     pos = 0
@@ -99,7 +100,8 @@ def main() -> None:
             if i + 1 == kill_after_save:
                 os.kill(os.getpid(), signal.SIGKILL)
     ckpt.close()
-    np.savez(a.out, **{k: np.asarray(v) for k, v in state.params.items()})
+    arrays: dict[str, Any] = {k: np.asarray(v) for k, v in state.params.items()}
+    np.savez(a.out, **arrays)
     print("DONE", flush=True)
     sys.stdout.flush()
 

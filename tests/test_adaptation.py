@@ -1,5 +1,7 @@
 """Closed-form adaptation rules against ``adapt(rule="vjp")``, jax.vjp of the whole update."""
 
+from typing import cast
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,7 +141,7 @@ def test_adam_rule_matches_written_formula(x64):
     state = _state(tx, params, 7)
     g, d = _like(params, 5), _like(params, 6)
     v = bj.adapt(tx, d, grads=g, state=state, params=params)
-    adam_state = state[0]
+    adam_state = cast(tuple, state)[0]  # adam = chain(scale_by_adam, …): its ScaleByAdamState
     t = 8
     c1, c2 = 1 - b1**t, 1 - b2**t
     for key in params:
@@ -224,7 +226,7 @@ def _while_loop_transform():
 
         return jax.tree.map(scale_down, updates), state
 
-    return optax.GradientTransformation(lambda p: optax.EmptyState(), update_fn)
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 def test_non_differentiable_transform_gives_clear_error():

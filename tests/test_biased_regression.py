@@ -18,10 +18,10 @@ from tests._quick import run_study
 
 @pytest.fixture
 def x64():
-    before = jax.config.jax_enable_x64
+    before = jax.config.read("jax_enable_x64")
     with jax.enable_x64(True):
         yield
-    assert jax.config.jax_enable_x64 == before
+    assert jax.config.read("jax_enable_x64") == before
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,9 @@ def problem():
     return cfg, data, lam_star
 
 
-def _arrays(data):
-    return [jnp.asarray(data[k], jnp.float64) for k in ("x", "y", "xm", "ym")]
+def _arrays(data) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    x, y, xm, ym = (jnp.asarray(data[k], jnp.float64) for k in ("x", "y", "xm", "ym"))
+    return x, y, xm, ym
 
 
 @pytest.fixture(scope="module")

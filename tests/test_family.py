@@ -314,6 +314,8 @@ def test_itd_does_not_copy_an_unstacked_batch_per_step():
     def temp(k):
         method = bj.itd(k)
         f = jax.jit(lambda i: method.hypergrad(problem, i, optax.EmptyState())[0].meta_grad)
-        return f.lower(inputs).compile().memory_analysis().temp_size_in_bytes
+        mem = f.lower(inputs).compile().memory_analysis()
+        assert mem is not None
+        return mem.temp_size_in_bytes
 
     assert temp(20) < 1.2 * temp(2), (temp(2), temp(20))

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -212,7 +213,9 @@ class _Interrupt:
 
 def test_interrupt_in_eval_fn_checkpoints_and_resume_matches(tmp_path):
     ckpt, log = Checkpointer(tmp_path / "ckpt", max_to_keep=2), tmp_path / "m.jsonl"
-    kw = dict(num_meta_steps=10, eval_every=2, log_path=log, checkpointer=ckpt, progress=False)
+    kw: dict[str, Any] = dict(
+        num_meta_steps=10, eval_every=2, log_path=log, checkpointer=ckpt, progress=False
+    )
     with pytest.raises(KeyboardInterrupt):
         bj.fit(STEP, fresh_state(), base_fn, itertools.repeat(META), eval_fn=_Interrupt(6), **kw)
     assert ckpt.latest_step() == 6
@@ -278,7 +281,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
                 raise RuntimeError("node died")  # not an interrupt: no checkpoint on the way out
             yield batches_at(t)
 
-    kw = dict(
+    kw: dict[str, Any] = dict(
         num_meta_steps=12, checkpoint_every=3, checkpointer=ckpt, log_path=log, progress=False
     )
     with pytest.raises(RuntimeError, match="node died"):
@@ -320,10 +323,10 @@ def test_fresh_run_refuses_a_directory_with_checkpoints(tmp_path):
 
 def test_tensorboard_is_optional(tmp_path):
     try:
-        import tensorboardX  # noqa: F401
+        import tensorboardX  # noqa: F401  # pyright: ignore[reportMissingImports]  (optional: the test covers its absence)
     except ImportError:
         try:
-            import torch.utils.tensorboard  # noqa: F401
+            import torch.utils.tensorboard  # noqa: F401  # pyright: ignore[reportMissingImports]  (optional: the test covers its absence)
         except ImportError:
             with pytest.warns(UserWarning, match="tensorboard"):
                 bj.fit(

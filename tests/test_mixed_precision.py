@@ -40,8 +40,8 @@ def cosine(a, b):
 
 # meta optimizer that stores the incoming hypergradient as its state and leaves λ unchanged
 CAPTURE = optax.GradientTransformation(
-    lambda p: jax.tree.map(jnp.zeros_like, p),
-    lambda u, s, p=None: (jax.tree.map(jnp.zeros_like, u), u),
+    lambda params: jax.tree.map(jnp.zeros_like, params),
+    lambda updates, state, params=None: (jax.tree.map(jnp.zeros_like, updates), updates),
 )
 
 

@@ -3,6 +3,7 @@ BatchNorm statistics and dropout RNG state travel in model_state, undifferentiat
 
 import subprocess
 import sys
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -156,7 +157,7 @@ def test_nnx_meta_gradient_equals_pure_pytree_mlp():
     _, s = base_tx.update(g, s, theta_nnx)
     s_p = base_tx.init(theta_p)
     _, s_p = base_tx.update(jax.grad(pure_base)(theta_p, lam_p, batch), s_p, theta_p)
-    kw = dict(base_tx=base_tx, base_batch=batch, meta_batch=meta, alpha=0.5)
+    kw: dict[str, Any] = dict(base_tx=base_tx, base_batch=batch, meta_batch=meta, alpha=0.5)
     hg_nnx = jax.jit(
         lambda th, lm, st: bj.sama_hypergrad(
             lambda t, l, b: nnx_base(t, l, b, rest0)[0],

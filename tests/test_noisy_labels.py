@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import bilevel_jax as bj
 from experiments import data as data_lib
 from experiments import harness
 from experiments import noisy_labels as nl
@@ -139,8 +140,10 @@ def test_summarize():
 
 def test_methods_are_the_documented_ones():
     m = nl.HYPERGRAD
-    assert m["sama"].adapt and m["sama"].adapt_from == "last" and not m["sama_na"].adapt
-    assert m["darts"].alpha == 0.01 and m["sama"].alpha == m["sama_na"].alpha == 0.1
+    sama, sama_na, darts = m["sama"], m["sama_na"], m["darts"]
+    assert isinstance(sama, bj.SAMA) and isinstance(sama_na, bj.SAMA) and isinstance(darts, bj.SAMA)
+    assert sama.adapt and sama.adapt_from == "last" and not sama_na.adapt
+    assert darts.alpha == 0.01 and sama.alpha == sama_na.alpha == 0.1
     assert m["sama_correct"] == m["sama"]
     assert {m[name].name for name in nl.REWEIGHT_METHODS} == set(nl.REWEIGHT_METHODS)
     assert set(m) == set(nl.METHODS) - set(nl.BASELINES)

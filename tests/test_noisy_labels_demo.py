@@ -63,7 +63,7 @@ def test_weighted_ce_normalisations():
         weighted_cross_entropy(logits, labels, 0.3 * jnp.ones(4), "sum"), ce.mean(), rtol=1e-6
     )
     with pytest.raises(ValueError):
-        weighted_cross_entropy(logits, labels, w, "max")
+        weighted_cross_entropy(logits, labels, w, "max")  # pyright: ignore[reportArgumentType]  (deliberately wrong: tests the error)
 
 
 @pytest.mark.parametrize("normalize", ["sum", "mean"])

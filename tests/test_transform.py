@@ -1,5 +1,7 @@
 """``meta_grad`` as an optax transform."""
 
+from typing import cast
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +34,11 @@ def _setup():
     return base_loss, meta_loss, tx, theta, state, lam, (x, y), (xm, ym)
 
 
+def _logit(updates: optax.Updates) -> jax.Array:
+    """The ``"logit"`` leaf of an update tree (optax types updates as the ``ArrayTree`` union)."""
+    return cast(dict[str, jax.Array], updates)["logit"]
+
+
 def _kwargs(theta, state, bb, mb):
     return dict(base_params=theta, base_opt_state=state, base_batch=bb, meta_batch=mb)
 
@@ -56,7 +63,7 @@ def test_chain_applies_adam_to_the_sama_hypergradient():
     )
     ref_tx = optax.adam(0.1)
     ref, _ = ref_tx.update(h.meta_grad, ref_tx.init(lam), lam)
-    np.testing.assert_allclose(updates["logit"], ref["logit"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(updates["logit"], _logit(ref), rtol=1e-6, atol=1e-9)
     assert int(ms[0].count) == 1 and int(ms[0].nonfinite_count) == 0
     np.testing.assert_allclose(ms[0].meta_loss, h.meta_loss, rtol=1e-6)
     np.testing.assert_allclose(ms[0].info["eps"], h.info["eps"], rtol=1e-6)
@@ -70,7 +77,7 @@ def test_incoming_updates_are_added():
     ones = jax.tree.map(jnp.ones_like, lam)
     a, _ = mg.update(zeros, mg.init(lam), lam, **_kwargs(theta, state, bb, mb))
     b, _ = mg.update(ones, mg.init(lam), lam, **_kwargs(theta, state, bb, mb))
-    np.testing.assert_allclose(b["logit"] - a["logit"], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(_logit(b) - _logit(a), 1.0, rtol=1e-6)
 
 
 def test_last_adaptation_through_extra_args():
@@ -88,7 +95,7 @@ def test_last_adaptation_through_extra_args():
         **_kwargs(theta, state, bb, mb),
     )
     b, _ = mg_fresh.update(zeros, mg_fresh.init(lam), lam, **_kwargs(theta, state, bb, mb))
-    np.testing.assert_allclose(a["logit"], b["logit"], rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(_logit(a), _logit(b), rtol=1e-6, atol=1e-12)
 
 
 def _nan_setup():
@@ -139,14 +146,15 @@ def test_nonfinite_hypergradient_warns_with_warn_and_is_still_dropped(jit):
     with pytest.warns(RuntimeWarning, match="meta_grad: the hypergradient is not finite.*logit"):
         upd, st = (jax.jit(fn) if jit else fn)(incoming, mg.init(lam), lam)
         jax.effects_barrier()
-    np.testing.assert_array_equal(upd["logit"], incoming["logit"])
+    st = cast(bj.MetaGradState, st)
+    np.testing.assert_array_equal(_logit(upd), incoming["logit"])
     assert int(st.nonfinite_count) == 1 and int(st.count) == 1
 
 
 def test_bad_on_nonfinite_is_rejected():
     base_loss, meta_loss, tx, *_ = _setup()
     with pytest.raises(ValueError, match="on_nonfinite"):
-        bj.meta_grad(base_loss, meta_loss, tx, on_nonfinite="ignore")
+        bj.meta_grad(base_loss, meta_loss, tx, on_nonfinite="ignore")  # pyright: ignore[reportArgumentType]  (deliberately wrong: tests the error)
 
 
 def test_sign_based_base_optimizer_is_refused_with_sama_but_fine_with_sama_na():
@@ -158,4 +166,4 @@ def test_sign_based_base_optimizer_is_refused_with_sama_but_fine_with_sama_na():
         mg.update(zeros, mg.init(lam), lam, **_kwargs(theta, tx.init(theta), bb, mb))
     mg_na = bj.meta_grad(base_loss, meta_loss, tx, bj.sama_na())
     upd, _ = mg_na.update(zeros, mg_na.init(lam), lam, **_kwargs(theta, tx.init(theta), bb, mb))
-    assert bool(jnp.all(jnp.isfinite(upd["logit"])))
+    assert bool(jnp.all(jnp.isfinite(_logit(upd))))

@@ -88,8 +88,9 @@ def test_base_loss_gradients_match_hand_formulas(x64):
     np.testing.assert_allclose(g_th["b"], np.mean(r), rtol=1e-10)
     # the mixed second derivative used by every hypergradient: (∂²L_b/∂λ∂θ) p = 2 exp(λ) w p
     p = {"w": jnp.asarray(np.random.default_rng(1).standard_normal(64)), "b": jnp.asarray(1.0)}
-    inputs = bj.BilevelInputs(theta, lam, None, (x, y), None)
-    mp = mixed_product(bj.BilevelProblem(wd.base_loss, wd.meta_loss, None), inputs, p)
+    # None where mixed_product reads nothing: the optimizer state, the meta batch, the base tx
+    inputs = bj.BilevelInputs(theta, lam, None, (x, y), None)  # pyright: ignore[reportArgumentType]
+    mp = mixed_product(bj.BilevelProblem(wd.base_loss, wd.meta_loss, None), inputs, p)  # pyright: ignore[reportArgumentType]
     np.testing.assert_allclose(mp, 2 * np.exp(lam) * theta["w"] * p["w"], rtol=1e-12)
     # the meta loss ignores λ
     assert float(jnp.abs(jax.grad(wd.meta_loss, argnums=1)(theta, lam, (x, y))).max()) == 0.0
@@ -126,6 +127,7 @@ def test_exact_hypergradient_matches_finite_differences_on_digits(x64):
     u = jnp.asarray(np.random.default_rng(1).standard_normal(64))
     h = 1e-4
     fd = (
-        wd.meta_loss(solve(lam + h * u), None, val) - wd.meta_loss(solve(lam - h * u), None, val)
+        wd.meta_loss(solve(lam + h * u), None, val)  # pyright: ignore[reportArgumentType]  (meta_loss ignores λ)
+        - wd.meta_loss(solve(lam - h * u), None, val)  # pyright: ignore[reportArgumentType]
     ) / (2 * h)
     assert float(hg.meta_grad @ u) == pytest.approx(float(fd), rel=1e-5)
