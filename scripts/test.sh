@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# Runs the test suite (sets up .venv/ from requirements.lock first). Extra arguments go to pytest.
+# Runs the checks and the test suite (sets up .venv/ from requirements.lock first):
+# ruff (lint and format), pyright, then pytest (which also runs the library's doctests).
+# Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
+echo "[test.sh] ruff check"
+.venv/bin/ruff check bilevel_jax experiments tests
+echo "[test.sh] ruff format --check"
+.venv/bin/ruff format --check bilevel_jax experiments tests
+echo "[test.sh] pyright"
+.venv/bin/pyright
 rc=0
 # Two workers (the CI machine has 2 cores); tests of one file share a worker so that
 # module-scoped fixtures (e.g. a study run once in a subprocess) run once.
