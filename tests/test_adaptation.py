@@ -2,6 +2,7 @@
 
 from typing import cast
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -179,8 +180,7 @@ def test_fallback_node_is_exact_inside_a_chain(x64):
     g, d = _like(params, 1), _like(params, 2)
     v = bj.adapt(tx, d, grads=g, state=state, params=params)
     ref = adapt(tx, d, grads=g, state=state, params=params, rule="vjp")
-    for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(ref)):
-        np.testing.assert_allclose(a, b, rtol=1e-10)
+    chex.assert_trees_all_close(v, ref, rtol=1e-10, atol=0.0)
 
 
 def test_describe_resolves_inject_hyperparams_from_state():

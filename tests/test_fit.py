@@ -12,6 +12,7 @@ import sys
 import warnings
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,10 +68,7 @@ def base_fn(start, nan_from=None):
 
 
 def assert_trees_equal(a, b):
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(la, lb):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    chex.assert_trees_all_equal(a, b)  # same structure, bit-identical leaves
 
 
 def manual(n):
@@ -138,8 +136,8 @@ def test_fit_with_plain_iterators_without_donation_or_jit():
     state, hist = bj.fit(
         STEP, fresh_state(), [batches_at(0)], [META], num_meta_steps=1, jit=False, progress=False
     )
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(manual(1)[0])):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)  # eager vs jit may round apart
+    # eager vs jit may round apart
+    chex.assert_trees_all_close(state, manual(1)[0], rtol=1e-5, atol=1e-7)
     assert len(hist) == 1
 
 
