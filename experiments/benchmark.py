@@ -224,8 +224,12 @@ def compile_stats(fn: Callable, args: tuple, donate: tuple[int, ...] = ()) -> tu
     """Compile ``fn`` for ``args``; return the executable, its temp bytes and FLOPs."""
     compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
     mem = compiled.memory_analysis()
+    if mem is None:
+        raise RuntimeError("XLA gave no memory analysis for the compiled function")
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost is None:
+        raise RuntimeError("XLA gave no cost analysis for the compiled function")
     peak = (
         mem.argument_size_in_bytes
         + mem.output_size_in_bytes
@@ -242,7 +246,6 @@ def compile_stats(fn: Callable, args: tuple, donate: tuple[int, ...] = ()) -> tu
 
 def time_calls(compiled, args: tuple, n: int, donate: tuple[int, ...] = ()) -> list[float]:
     """Wall times (ms) of ``n`` calls after 2 warm-up calls; donated arguments are re-fed."""
-    args = list(args)
 
     def fresh():
         return [jax.tree.map(jnp.copy, a) if i in donate else a for i, a in enumerate(args)]

@@ -112,6 +112,8 @@ def report(devices: int = 8, methods: Sequence[str] = tuple(METHODS)) -> dict:
         step = bj.bilevel_step(base_loss, meta_loss, OPTIMIZER(), OPTIMIZER(), method)
         state = jax.eval_shape(step.init, theta, lam)
         text = jax.jit(data_parallel(step, mesh)).lower(state, base, meta).compile().as_text()
+        if text is None:
+            raise RuntimeError(f"{name}: XLA returned no text for the compiled step")
         r = collective_report(text)
         sizes = naive(n_theta, n_lam)
         out[name] = {

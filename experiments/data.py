@@ -27,7 +27,7 @@ import importlib.util
 import os
 import pathlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -167,8 +167,9 @@ def load_digits() -> Dataset:
       bytes (scikit-learn reads the data from a file inside its package, recorded in ``path``).
     """
     from sklearn import datasets as sk_datasets  # local import: only needed here
+    from sklearn.utils import Bunch
 
-    bunch = sk_datasets.load_digits()
+    bunch = cast(Bunch, sk_datasets.load_digits())  # the default return_X_y=False gives a Bunch
     x = _readonly(np.asarray(bunch.data, dtype=np.float32) / np.float32(16.0))
     y = _readonly(np.asarray(bunch.target, dtype=np.int32))
     data_sha = _sha256_arrays(x, y)

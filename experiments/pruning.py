@@ -327,7 +327,7 @@ def run(
     study = Study(cfg)
     acc = {r: {m: [] for m in methods} for r in ratios}
     full_acc, full_t, search_t = [], [], {m: [] for m in methods}
-    diag: dict[str, list] = {
+    diag: dict[str, Any] = {
         "sama_weight_range": [],
         "score_spearman_vs_el2n": {m: [] for m in methods},
     }

@@ -70,6 +70,7 @@ def main():
     # collectives: one all-reduce in the scanned base step (K − 1 steps), one in the unrolled
     # last base step after the loop, one in the meta step
     hlo = dp.lower(state, (xs, ys), meta).compile().as_text()
+    assert hlo is not None
     n_all_reduce = len(ALL_REDUCE.findall(hlo))
     # split the module into computations; the base steps are the scan's while body
     blocks = dict(re.findall(r"^(?:ENTRY )?(%[\w.-]+) .*?\{\n(.*?)^\}", hlo, re.S | re.M))
@@ -98,7 +99,9 @@ def main():
     dp_exact = jax.jit(data_parallel(step_exact, mesh))
     out_e, _ = dp_exact(state, (xs, ys), meta)
     ref_e, _ = jax.jit(step_exact)(state, (xs, ys), meta)  # one device, full batches
-    exact_report = collective_report(dp_exact.lower(state, (xs, ys), meta).compile().as_text())
+    exact_hlo = dp_exact.lower(state, (xs, ys), meta).compile().as_text()
+    assert exact_hlo is not None
+    exact_report = collective_report(exact_hlo)
 
     # pmap: the same step with axis_name inside jax.pmap gives the shard_map result
     pstep = jax.pmap(dataclasses.replace(step, axis_name="data"), axis_name="data")

@@ -61,7 +61,9 @@ def main():
         base = dist.global_batch((xs[t][:, rows], ys[t][:, rows]), mesh, batch_axis=1)
         meta = dist.global_batch((mx[t][mrows], my[t][mrows]), mesh)
         if t == 0:
-            report = collective_report(dp.lower(state, base, meta).compile().as_text())
+            hlo = dp.lower(state, base, meta).compile().as_text()
+            assert hlo is not None
+            report = collective_report(hlo)
         state, m = dp(state, base, meta)
         metrics.append({k: float(v) for k, v in dist.to_host(m).items()})
     host = dist.to_host((state.base_params, state.meta_params))
