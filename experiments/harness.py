@@ -183,6 +183,9 @@ class StudyCLI:
         if args.json is None:
             folder = RESULTS / "quick" if args.quick else RESULTS
             args.json = str(folder / f"{self.study}.json")
+        # the folder may not exist yet (results/quick/ is git-ignored, so a fresh clone lacks it);
+        # per-step logs are opened there before the run finishes
+        pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         args.study, args.argv = self.study, argv
         return args
 
