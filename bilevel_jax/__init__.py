@@ -33,6 +33,7 @@ import warnings as _warnings
 
 from bilevel_jax import adaptation, distributed, hypergrad, implicit_diff, linalg, nnx, parallel
 from bilevel_jax._checks import BilevelInputError
+from bilevel_jax._nonfinite import nonfinite_errors
 from bilevel_jax.adaptation import AdaptationError, UnsupportedTransformError, adapt, describe
 from bilevel_jax.base_step import BaseStepResult, base_step
 from bilevel_jax.fit import fit
@@ -52,6 +53,7 @@ from bilevel_jax.hypergrad import (
     sama,
     sama_hypergrad,
     sama_na,
+    set_hyperparams,
     soba,
 )
 from bilevel_jax.implicit_diff import custom_fixed_point, custom_root
@@ -127,10 +129,12 @@ __all__ = [
     "linalg",
     "meta_grad",
     "neumann",
+    "nonfinite_errors",
     "parallel",
     "nnx",
     "sama",
     "sama_hypergrad",
     "sama_na",
+    "set_hyperparams",
     "soba",
 ]

@@ -5,29 +5,48 @@ Used by :func:`bilevel_jax.meta_grad` (default ``"raise"``), :func:`bilevel_jax.
 the caller drops the non-finite value (a skipped step leaves its state unchanged and is
 counted); the mode only says what the user is told:
 
-- ``"raise"``: ``FloatingPointError`` naming the non-finite leaves (under ``jit`` through
-  ``io_callback``, which propagates the exception to the caller);
+- ``"raise"``: ``FloatingPointError`` naming the non-finite leaves. Eagerly it is raised as
+  such. Under ``jit`` it is raised by a host callback (``io_callback``) inside the compiled
+  computation, and JAX hands Python exceptions out of compiled code only as XLA's
+  ``jax.errors.JaxRuntimeError`` (a ``RuntimeError`` whose message ends with
+  ``FloatingPointError: <our message>``); :func:`nonfinite_errors` turns it back into the
+  ``FloatingPointError`` (``bj.fit`` does this for you).
 - ``"warn"``: a ``RuntimeWarning`` (under ``jit`` through ``jax.debug.callback``);
 - ``"skip"``: nothing.
 
 The host callback is placed on the non-finite branch of a ``lax.cond``, so a finite step
-costs no host round trip.
+costs no host round trip. Under ``vmap`` the check is batched by hand
+(``jax.custom_batching.custom_vmap``): one ``cond`` on "every batch member is finite", so the
+check works under ``vmap`` in every mode (a vmapped ``cond`` cannot hold an ``io_callback``)
+and a finite batch still makes no host call. The checked values pass through
+``stop_gradient``: a report inside a differentiated function does not break autodiff.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
+import logging
 import warnings
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import custom_batching
 from jax.experimental import io_callback
 
 from bilevel_jax import _checks
 
-__all__ = ["ON_NONFINITE", "OnNonfinite", "all_finite", "check_mode", "report"]
+__all__ = [
+    "ON_NONFINITE",
+    "OnNonfinite",
+    "all_finite",
+    "check_mode",
+    "nonfinite_errors",
+    "report",
+]
 
 PyTree = Any
 OnNonfinite = Literal["raise", "warn", "skip"]
@@ -72,12 +91,107 @@ def _message(where: str, tree: PyTree, hint: str | None, mode: str) -> str:
     return f"{where} is not finite (non-finite values: NaN or inf{leaves}). {hint}"
 
 
+# messages of the FloatingPointErrors raised by host callbacks, newest last: how
+# ``nonfinite_errors`` recognises them inside XLA's runtime error
+_RAISED: collections.deque[str] = collections.deque(maxlen=64)
+
+
 def _host(finite, tree, *, mode: str, where: str, hint: str | None) -> None:
-    if np.all(np.asarray(finite)):  # also re-checked here: under vmap both branches run
+    if np.all(np.asarray(finite)):  # re-checked here: the callback may see a whole batch
         return
+    message = _message(where, tree, hint, mode)
     if mode == "raise":
-        raise FloatingPointError(_message(where, tree, hint, mode))
-    warnings.warn(_message(where, tree, hint, mode), RuntimeWarning, stacklevel=3)
+        _RAISED.append(message)
+        raise FloatingPointError(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+class _DropOwnCallbackErrors(logging.Filter):
+    """JAX logs every exception a host callback raises, before the same error reaches the
+    caller; for our own FloatingPointError that log is a second copy of the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, FloatingPointError) and str(exc) in _RAISED)
+
+
+for _name in ("jax._src.callback", "jax._src.debugging"):
+    logging.getLogger(_name).addFilter(_DropOwnCallbackErrors())
+
+
+def _original(error: BaseException) -> FloatingPointError | None:
+    """Our FloatingPointError carried by XLA's runtime error, or None."""
+    if not isinstance(error, jax.errors.JaxRuntimeError):
+        return None
+    text = str(error)
+    for message in reversed(_RAISED):
+        if f"FloatingPointError: {message}" in text:
+            return FloatingPointError(message)
+    return None
+
+
+class nonfinite_errors(contextlib.ContextDecorator):  # noqa: N801 - used like contextlib.suppress
+    """Re-raise ``on_nonfinite="raise"`` errors from compiled code as ``FloatingPointError``.
+
+    Under ``jit`` the ``FloatingPointError`` of ``on_nonfinite="raise"`` is raised inside
+    the compiled computation, and JAX can only hand it out as XLA's
+    ``jax.errors.JaxRuntimeError`` (its message ends with ``FloatingPointError: ...``), which
+    ``except FloatingPointError`` does not catch. Inside this context (or a function
+    decorated with it) such an error is raised again as the ``FloatingPointError`` with
+    bilevel_jax's message, chained to the runtime error (``__cause__``); every other
+    exception passes unchanged. Eagerly (no ``jit``) nothing needs converting.
+
+    Keep the first read of the result inside the block: on accelerators a compiled
+    computation runs asynchronously and its error can surface when the result is read
+    (``jax.block_until_ready``, ``float(...)``) rather than at the call.
+    :func:`bilevel_jax.fit` runs its steps inside it.
+
+    >>> import jax, jax.numpy as jnp
+    >>> def check(x):
+    ...     report(jnp.all(jnp.isfinite(x)), "raise", where="x")
+    ...     return x
+    >>> try:
+    ...     with nonfinite_errors():
+    ...         jax.block_until_ready(jax.jit(check)(jnp.nan))
+    ... except FloatingPointError as e:
+    ...     print(str(e)[:16])
+    x is not finite
+    """
+
+    def __enter__(self) -> nonfinite_errors:
+        return self
+
+    def __exit__(self, typ, value, traceback) -> bool:
+        original = None if value is None else _original(value)
+        if original is not None:
+            raise original from value
+        return False
+
+
+def _checked(host, mode: str):
+    """``check(finite, tree)``: the host callback on the non-finite branch of a ``cond``,
+    batched by hand under ``vmap`` (one ``cond`` on "all finite"; see the module docstring)."""
+
+    def callback(f, t):
+        if mode == "raise":
+            io_callback(host, None, f, t)  # its exception propagates to the caller
+        else:
+            jax.debug.callback(host, f, t)
+
+    def unbatched(finite, tree):
+        jax.lax.cond(finite, lambda f, t: None, callback, finite, tree)
+        return finite
+
+    check = custom_batching.custom_vmap(unbatched)
+
+    @check.def_vmap
+    def _batched(axis_size, in_batched, finite, tree):
+        del axis_size
+        finite_batched = in_batched[0]
+        check(jnp.all(finite) if finite_batched else finite, tree)  # nested vmap: its own rule
+        return finite, finite_batched
+
+    return check
 
 
 def report(
@@ -124,8 +238,4 @@ def report(
         if not concrete:
             host(np.asarray(concrete), jax.device_get(tree))
         return
-    if mode == "raise":
-        callback = lambda f, t: io_callback(host, None, f, t)  # noqa: E731 - propagates errors
-    else:
-        callback = lambda f, t: jax.debug.callback(host, f, t)  # noqa: E731
-    jax.lax.cond(finite, lambda f, t: None, callback, finite, tree)
+    _checked(host, mode)(jnp.asarray(finite, bool), jax.lax.stop_gradient(tree))

@@ -56,6 +56,7 @@ from typing import Any, NamedTuple, cast
 
 import jax
 
+from bilevel_jax._nonfinite import nonfinite_errors
 from bilevel_jax.loop import BilevelState, BilevelStep, TooManySkipsError, check_skips
 
 __all__ = ["fit"]
@@ -327,6 +328,7 @@ class _Run:
             self.save(check=False)
 
 
+@nonfinite_errors()  # on_nonfinite="raise" surfaces as FloatingPointError
 def _loop(r: _Run, run, base_it, meta_it, *, start, total, eval_every, checkpoint_every, sync_lag):
     """Step until ``total`` (or the data runs out), then evaluate, check and save the end."""
     pos = start

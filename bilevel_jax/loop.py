@@ -22,7 +22,8 @@ base optimizer state bit-identical and increments ``skipped_base``; a meta step 
 hypergradient is not finite leaves λ, the meta optimizer state and the method state
 unchanged and increments ``skipped_meta`` (like ``optax.apply_if_finite``). That is
 ``on_nonfinite="skip"`` (the default); ``"warn"`` also warns and ``"raise"`` raises
-``FloatingPointError`` at the first non-finite step. Use :func:`check_skips` (or
+``FloatingPointError`` at the first non-finite step (under ``jit``: inside
+:func:`bilevel_jax.nonfinite_errors`, which :func:`bilevel_jax.fit` uses). Use :func:`check_skips` (or
 :func:`bilevel_jax.fit`'s ``max_skips``) to stop a run that keeps failing. As in
 ``optax.apply_if_finite``, the base step checks the loss and the gradient, not the update: an
 optimizer that turns a finite gradient into a non-finite update is not caught there. When the *last* base step is skipped, SAMA's
@@ -357,12 +358,16 @@ class BilevelStep:
     def _base_step(self, carry, meta_params, batch, key):
         """One base step (:func:`bilevel_jax.base_step`), its model state kept only if finite."""
         theta, s, model_state = carry
+        lam = self._local(meta_params)
+        write = getattr(self.method, "write_hyperparams", None)  # optimizer hyperparameters in λ
+        if write is not None:  # (bj.itd/dds(hyperparams=...)) also drive the base steps
+            s = write(s, lam)
         r = base_step(
             self._base(model_state, key, self.compute_dtype),
             self.base_tx,
             theta,
             s,
-            self._local(meta_params),
+            lam,
             batch,
             has_aux=True,
             reduce=self._mean,  # one all-reduce: gradient, loss and (stateful) model state

@@ -177,10 +177,13 @@ def meta_grad(
         ``step_along_v`` is refused (a meta transform cannot step θ).
       on_nonfinite: a non-finite hypergradient is never passed on: the updates
         are left unchanged and ``nonfinite_count`` grows. With ``"raise"`` (default)
-        the call also raises ``FloatingPointError`` naming the bad leaves (under
-        ``jit`` it surfaces as a runtime error carrying that message; the host
-        callback runs only when a value is non-finite); ``"warn"`` warns
-        (``RuntimeWarning``) instead; ``"skip"`` only counts.
+        the call also raises ``FloatingPointError`` naming the bad leaves; under
+        ``jit`` JAX hands it out as ``jax.errors.JaxRuntimeError`` carrying that
+        message, which :func:`bilevel_jax.nonfinite_errors` turns back into the
+        ``FloatingPointError`` (``with bj.nonfinite_errors(): jitted_step(...)``).
+        ``"warn"`` warns (``RuntimeWarning``) instead; ``"skip"`` only counts. Every
+        mode works under ``vmap`` (e.g. over tasks), and the host callback runs only
+        when a value is non-finite.
       base_params: θ, or a template with its shapes and dtypes; needed only by methods
         whose state is shaped like θ (``soba()``, ``cg(warm_start=True)``).
 
