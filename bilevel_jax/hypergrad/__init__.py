@@ -26,7 +26,7 @@ from bilevel_jax.hypergrad.darts import DartsSecondOrder, darts, darts_second_or
 from bilevel_jax.hypergrad.implicit import Implicit, ImplicitState, cg, exact, neumann
 from bilevel_jax.hypergrad.sama import SAMA, sama, sama_hypergrad, sama_na
 from bilevel_jax.hypergrad.soba import SOBA, SobaState, soba
-from bilevel_jax.hypergrad.unrolled import Unrolled, dds, itd
+from bilevel_jax.hypergrad.unrolled import Unrolled, dds, itd, set_hyperparams
 
 __all__ = [
     "BilevelInputs",
@@ -50,5 +50,6 @@ __all__ = [
     "sama",
     "sama_hypergrad",
     "sama_na",
+    "set_hyperparams",
     "soba",
 ]
