@@ -318,6 +318,45 @@ def wide_norm(tree: PyTree) -> jax.Array:
     return jnp.sqrt(sum(leaves)) if leaves else jnp.asarray(0.0, jnp.float32)
 
 
+def forward_mixed_product(
+    base_loss: Loss,
+    theta: PyTree,
+    lam: PyTree,
+    batch: PyTree,
+    v: PyTree,
+    alpha,
+):
+    r"""``h = −∂/∂t ∇_λL_b(θ + t v, λ)|_{t=0} = −(∂²L_b/∂λ∂θ) v`` by ``jax.jvp``, no ε.
+
+    Forward-over-reverse: one JVP of the λ-gradient at θ along ``2⁻ᵉv`` with ``2ᵉ ≈ ‖v‖`` (a
+    power of two, so the rescaling is exact and the tangent is O(1) in any dtype the loss
+    casts to), scaled back by ``2ᵉ``. It is exact up to rounding, nothing is subtracted (no cancellation in
+    float32 or bf16), and it is the derivative of the loss as written: a ``stop_gradient`` inside
+    ``base_loss`` blocks the θ-tangent as it blocks ∇_θ, whereas :func:`central_difference`
+    evaluates ∇_λL_b at θ ± εv and so differentiates through it (``docs/math.md``, section 1.1).
+    θ and v enter in float32 or wider, as in :func:`central_difference`. ``ε = α/‖v‖`` is
+    returned for SAMA's base step along v (``−εv``) only; h does not depend on α. ``‖v‖ = 0``
+    gives ``h = 0``; a NaN v propagates. Returns ``(h, eps, v_norm)`` like
+    :func:`central_difference`.
+
+    >>> loss = lambda th, lam, b: jnp.sum(lam * jnp.sin(th))
+    >>> th, lam, v = jnp.array([0.0, 1.0]), jnp.array([2.0, 3.0]), jnp.array([1.0, 1.0])
+    >>> h, eps, v_norm = forward_mixed_product(loss, th, lam, None, v, 1.0)
+    >>> print(h, jnp.allclose(h, -jnp.cos(th) * v))
+    [-1.        -0.5403023] True
+    """
+    v_norm = wide_norm(v)
+    nonzero = v_norm != 0  # NaN counts as nonzero so that it propagates and is flagged
+    eps = jnp.where(nonzero, alpha / jnp.where(nonzero, v_norm, 1.0), 0.0)
+    _, e = jnp.frexp(v_norm)  # ‖v‖ = m·2ᵉ with m in [0.5, 1); e = 0 for 0, inf and NaN
+    primal = jax.tree.map(_wide, theta)
+    tangent = jax.tree.map(lambda p, vi: jnp.ldexp(_wide(vi), -e).astype(p.dtype), primal, v)
+    grad_meta = jax.grad(base_loss, argnums=1)
+    _, jv = jax.jvp(lambda th: grad_meta(th, lam, batch), (primal,), (tangent,))
+    h = jax.tree.map(lambda x: jnp.where(nonzero, -jnp.ldexp(_wide(x), e), 0.0), jv)
+    return h, eps, v_norm
+
+
 def central_difference(
     base_loss: Loss,
     theta: PyTree,

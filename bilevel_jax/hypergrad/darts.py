@@ -15,6 +15,7 @@ ICLR 2019, eqs. (6)–(8); Betty's ``darts`` (Choe et al. 2023).
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import jax
 import optax
@@ -34,10 +35,16 @@ from bilevel_jax.hypergrad.sama import SAMA
 __all__ = ["DartsSecondOrder", "darts", "darts_second_order"]
 
 
-def darts(alpha: float = 0.01, *, step_along_v: bool = False) -> SAMA:
+def darts(
+    alpha: float = 0.01,
+    *,
+    difference: Literal["vmap", "sequential", "jvp"] = "sequential",
+    step_along_v: bool = False,
+) -> SAMA:
     """Betty's DARTS / T1–T2: SAMA-NA with a small finite-difference radius α = 0.01.
 
-    ``step_along_v`` as in :func:`~bilevel_jax.sama`.
+    ``difference`` and ``step_along_v`` as in :func:`~bilevel_jax.sama` (with ``"jvp"`` the
+    product is exact and α only sets the base step along v).
 
     Example:
       >>> m = darts()
@@ -48,7 +55,7 @@ def darts(alpha: float = 0.01, *, step_along_v: bool = False) -> SAMA:
         alpha=alpha,
         adapt=False,
         adapt_from="fresh",
-        difference="sequential",
+        difference=difference,
         step_along_v=step_along_v,
         name="darts",
     )

@@ -16,6 +16,11 @@ meta step computes
 ``−(∂²L_b/∂λ∂θ) v`` with O(ε²) error, so only first-order passes are needed,
 and the two λ-gradients stop at λ (for data reweighting they touch only the
 weighting network). SAMA also returns ``−εv``, the base step along v (paper §3.2).
+
+``difference="jvp"`` replaces the central difference by the forward-mode product
+``h = −∂/∂t ∇_λ L_b(θ + t v, λ; B)|_{t=0}`` (``jax.jvp`` of the λ-gradient): exact, no
+cancellation in low precision, and it respects a ``stop_gradient`` in L_b, which the central
+difference differentiates through (``docs/math.md``, section 1.1).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from bilevel_jax.hypergrad.base import (
     assemble,
     central_difference,
     check_problem,
+    forward_mixed_product,
     meta_value_and_grads,
 )
 
@@ -60,7 +66,7 @@ def sama_hypergrad(
     adapt_from: Literal["fresh", "last"] = "fresh",
     last_grad: PyTree | None = None,
     last_opt_state: optax.OptState | None = None,
-    difference: Literal["vmap", "sequential"] = "sequential",
+    difference: Literal["vmap", "sequential", "jvp"] = "sequential",
     direct: bool = True,
     axis_name: str | None = None,
 ) -> Hypergrad:
@@ -92,7 +98,13 @@ def sama_hypergrad(
         one batched pass (both perturbed copies and activations alive at once). Measured on
         CPU (``experiments/benchmark.py``, MLP 784-1024-1024-10): sequential needs 28 % less
         temporary memory and is no slower, hence the default; vmap may pay off on
-        accelerators with small batches.
+        accelerators with small batches. ``"jvp"``: no finite difference but the exact
+        forward-mode product ``h = −∂/∂t ∇_λL_b(θ + t v)|_{t=0}`` (``jax.jvp``
+        of the λ-gradient); α then only sets the base step along v, ``−εv``. It respects a
+        ``stop_gradient`` in ``base_loss`` (the mixed derivative of the update as written,
+        as CG/Neumann/exact compute it) where the central difference differentiates through
+        it (Betty's estimand), and it stays accurate with the meta step in bf16
+        (``docs/math.md``, section 1.1; costs in ``experiments/README.md``).
       direct: include the direct term ∇_λ L_m (zero when L_m ignores λ).
       axis_name: exact data parallelism inside ``shard_map``/``pmap``: d, ∇_λL_m and the fresh
         adaptation gradient are averaged over this axis before the (local) central
@@ -125,8 +137,11 @@ def sama_hypergrad(
       >>> print(hg.meta_grad, float(hg.info["eps"]) > 0)
       [-4. -4.] True
     """
-    if difference not in ("vmap", "sequential"):
-        raise ValueError(f"difference must be 'vmap' or 'sequential', got {difference!r}")
+    if difference not in ("vmap", "sequential", "jvp"):
+        raise ValueError(
+            f"difference must be 'sequential', 'vmap' (central differences) or 'jvp' (the "
+            f"forward-mode product), got {difference!r}"
+        )
     if adapt_from not in ("fresh", "last"):
         raise ValueError(f"adapt_from must be 'fresh' or 'last', got {adapt_from!r}")
     if not isinstance(alpha, jax.Array) and not alpha > 0:
@@ -154,9 +169,14 @@ def sama_hypergrad(
     else:
         v = d
 
-    h, eps, v_norm = central_difference(
-        base_loss, base_params, meta_params, base_batch, v, alpha, difference=difference
-    )
+    if difference == "jvp":
+        h, eps, v_norm = forward_mixed_product(
+            base_loss, base_params, meta_params, base_batch, v, alpha
+        )
+    else:
+        h, eps, v_norm = central_difference(
+            base_loss, base_params, meta_params, base_batch, v, alpha, difference=difference
+        )
     base_update = jax.tree.map(lambda vi, t: (-eps * _wide(vi)).astype(t.dtype), v, base_params)
     return assemble(
         meta_params,
@@ -178,7 +198,8 @@ class SAMA(MethodBase):
       alpha: α in ε = α/‖v‖.
       adapt: False for SAMA-NA.
       adapt_from: ``"fresh"`` or ``"last"`` (see :func:`sama_hypergrad`).
-      difference: ``"vmap"`` or ``"sequential"``.
+      difference: ``"sequential"`` or ``"vmap"`` (central differences) or ``"jvp"`` (the
+        exact forward-mode product; see :func:`sama_hypergrad`).
       step_along_v: return the base step along v, ``−εv``, as :attr:`Hypergrad.base_update`;
         the bilevel loop then applies it to θ after the meta update (paper §3.2).
       axis_name: exact synchronisation over this device axis (see :func:`sama_hypergrad`);
@@ -195,7 +216,7 @@ class SAMA(MethodBase):
     alpha: float = 1.0
     adapt: bool = True
     adapt_from: Literal["fresh", "last"] = "fresh"
-    difference: Literal["vmap", "sequential"] = "sequential"
+    difference: Literal["vmap", "sequential", "jvp"] = "sequential"
     step_along_v: bool = False
     axis_name: str | None = None
     name: str = "sama"
@@ -263,7 +284,7 @@ def sama(
     alpha: float = 1.0,
     *,
     adapt_from: Literal["fresh", "last"] = "fresh",
-    difference: Literal["vmap", "sequential"] = "sequential",
+    difference: Literal["vmap", "sequential", "jvp"] = "sequential",
     step_along_v: bool = False,
     base_step: bool | None = None,
 ) -> SAMA:
@@ -272,7 +293,8 @@ def sama(
     Args:
       alpha: α in ε = α/‖v‖.
       adapt_from: where the adaptation Jacobian is taken (``"fresh"`` or ``"last"``).
-      difference: ``"sequential"`` or ``"vmap"`` evaluation of the central difference.
+      difference: ``"sequential"`` or ``"vmap"`` evaluation of the central difference, or
+        ``"jvp"``: the exact forward-mode product instead (see :func:`sama_hypergrad`).
       step_along_v: also take SAMA's base step ``θ ← θ − εv`` after each meta update
         (applied by :func:`~bilevel_jax.bilevel_step`; :func:`~bilevel_jax.meta_grad` rejects it).
       base_step: deprecated spelling of ``step_along_v``.
@@ -295,7 +317,7 @@ def sama(
 def sama_na(
     alpha: float = 1.0,
     *,
-    difference: Literal["vmap", "sequential"] = "sequential",
+    difference: Literal["vmap", "sequential", "jvp"] = "sequential",
     step_along_v: bool = False,
     base_step: bool | None = None,
 ) -> SAMA:
