@@ -16,6 +16,8 @@ of the chain. Extra arguments are keyword-only and mirror
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -109,7 +111,37 @@ def _apply(updates, state: MetaGradState, result, method_state, info_keys) -> tu
     return new_updates, new_state
 
 
-def _update_fn(method: HypergradMethod, problem: BilevelProblem, on_nonfinite: str):
+_NO_STATE = object()  # model_state not passed
+
+
+def _stateful_problem(problem: BilevelProblem, stateful: bool, model_state: Any) -> BilevelProblem:
+    """The (θ, λ, batch) losses the methods expect; with ``stateful`` the model state is bound
+    (``base_loss`` returns ``(loss, new_state)``; the new state is dropped, as in bilevel_step)."""
+    if not stateful:
+        if model_state is not _NO_STATE:
+            raise ValueError(
+                "bilevel_jax.meta_grad.update got model_state= but the transform was built "
+                "without stateful=True; build it with meta_grad(..., stateful=True) so that "
+                "the losses receive the model state as their fourth argument"
+            )
+        return problem
+    if model_state is _NO_STATE:
+        raise ValueError(
+            "bilevel_jax.meta_grad(..., stateful=True).update needs model_state= (the "
+            "non-differentiated model state the losses take as their fourth argument)"
+        )
+    base_loss: Callable[..., Any] = problem.base_loss  # (θ, λ, batch, model_state) here
+    meta_loss: Callable[..., Any] = problem.meta_loss
+    return dataclasses.replace(
+        problem,
+        base_loss=lambda th, lam, b: base_loss(th, lam, b, model_state)[0],
+        meta_loss=lambda th, lam, b: meta_loss(th, lam, b, model_state),
+    )
+
+
+def _update_fn(
+    method: HypergradMethod, problem: BilevelProblem, on_nonfinite: str, stateful: bool = False
+):
     def update_fn(
         updates,
         state,
@@ -121,6 +153,7 @@ def _update_fn(method: HypergradMethod, problem: BilevelProblem, on_nonfinite: s
         meta_batch: Any = None,
         last_grad: Any = None,
         last_opt_state: Any = None,
+        model_state: Any = _NO_STATE,
         **extra_args,
     ):
         del extra_args
@@ -141,7 +174,8 @@ def _update_fn(method: HypergradMethod, problem: BilevelProblem, on_nonfinite: s
             last_grad,
             last_opt_state,
         )
-        result, method_state = method.hypergrad(problem, inputs, state.method_state)
+        bound = _stateful_problem(problem, stateful, model_state)
+        result, method_state = method.hypergrad(bound, inputs, state.method_state)
         _nonfinite.report(
             result.finite,
             on_nonfinite,
@@ -154,18 +188,19 @@ def _update_fn(method: HypergradMethod, problem: BilevelProblem, on_nonfinite: s
 
 
 def meta_grad(
-    base_loss: Loss,
-    meta_loss: Loss,
+    base_loss: Loss | Callable[..., Any],
+    meta_loss: Loss | Callable[..., Any],
     base_tx: optax.GradientTransformation,
     method: HypergradMethod | None = None,
     *,
     on_nonfinite: OnNonfinite = "raise",
     base_params: PyTree | None = None,
+    stateful: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""An optax transform that adds the hypergradient of a bilevel problem to the updates.
 
     ``update(updates, state, params, *, base_params, base_opt_state, base_batch,
-    meta_batch, last_grad=None, last_opt_state=None)`` returns
+    meta_batch, last_grad=None, last_opt_state=None[, model_state])`` returns
     ``updates + dL_m(θ*(λ), λ)/dλ`` with the derivative estimated by ``method``
     (SAMA by default: Choe et al., "Making Scalable Meta Learning Practical", 2023).
 
@@ -186,6 +221,10 @@ def meta_grad(
         when a value is non-finite.
       base_params: θ, or a template with its shapes and dtypes; needed only by methods
         whose state is shaped like θ (``soba()``, ``cg(warm_start=True)``).
+      stateful: as in :func:`bilevel_jax.bilevel_step`: the losses take a fourth argument,
+        the non-differentiated model state (batch statistics, RNG streams…), passed to
+        ``update`` as ``model_state=``, and ``base_loss`` returns ``(loss, new_model_state)``;
+        the meta step sees the state as a constant and does not return a new one.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; compose it with ``optax.chain``.
@@ -201,10 +240,22 @@ def meta_grad(
     ...     base_opt_state=tx.init(theta), base_batch=jnp.ones(2), meta_batch=jnp.ones(2))
     >>> updates.shape, int(state[0].count), bool(jnp.all(updates < 0))
     ((2,), 1, True)
+
+    With a model state (``stateful=True``; here a running mean the losses read):
+
+    >>> def base_s(th, lam, x, ms):
+    ...     return jnp.mean((th - x - ms["mean"]) ** 2) + jnp.sum(lam * th**2), ms
+    >>> meta_s = lambda th, lam, x, ms: jnp.mean((th - x - ms["mean"]) ** 2)
+    >>> mg = bj.meta_grad(base_s, meta_s, tx, bj.exact(), stateful=True)
+    >>> h, _ = mg.update(jnp.zeros(2), mg.init(lam), lam, base_params=theta,
+    ...                  base_opt_state=tx.init(theta), base_batch=jnp.ones(2),
+    ...                  meta_batch=jnp.ones(2), model_state={"mean": jnp.zeros(2)})
+    >>> h.shape
+    (2,)
     """
     _nonfinite.check_mode(on_nonfinite, "bilevel_jax.meta_grad")
     method = _check_method(sama() if method is None else method)
     problem = BilevelProblem(base_loss, meta_loss, base_tx)
     return optax.GradientTransformationExtraArgs(
-        _init_fn(method, base_params), _update_fn(method, problem, on_nonfinite)
+        _init_fn(method, base_params), _update_fn(method, problem, on_nonfinite, stateful)
     )
