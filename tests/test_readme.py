@@ -19,6 +19,7 @@ MARKERS = {
     "usage": "def train_step(",
     "implicit": "@bj.custom_root(",
     "loop": "state, history = bj.fit(",
+    "mwn": "def mwn(lam, loss):",
     "data_parallel": "from jax.sharding import Mesh",
     "multihost": "dist.initialize()",
 }
@@ -90,6 +91,16 @@ def test_readme_training_loop_learns_and_logs(trained):
     accs = [r["eval"]["acc"] for r in history if "eval" in r]
     assert len(accs) == 4 and accs[-1] > 0.5, accs  # 10 classes: chance is 0.1
     assert (trained["_dir"] / "loop.jsonl").read_text().count("\n") >= 200
+
+
+def test_readme_meta_weight_net_recipe_learns(trained):
+    """The Meta-Weight-Net block (Σwℓ/Σw, zero output layer, α = 0.1) on the loop block's data."""
+    ns = _run("mwn", dict(trained))
+    state, history = ns["mwn_state"], ns["mwn_history"]
+    assert int(state.meta_steps) == 200 and int(state.skipped_meta) == 0
+    accs = [r["eval"]["acc"] for r in history if "eval" in r]
+    assert len(accs) == 4 and accs[-1] > 0.5, accs  # 10 classes: chance is 0.1
+    assert float(jnp.max(jnp.abs(state.meta_params["w2"]))) > 0  # the MWN left its flat start
 
 
 def test_readme_data_parallel_and_multihost_blocks_run(trained, monkeypatch):
