@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import functools
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jex_core
 
 PyTree = Any
 
@@ -106,8 +109,11 @@ def opt_state_matches(tx, state: PyTree, params: PyTree) -> None:
             )
 
 
-def scalar_loss(fn, name: str, *args) -> jax.ShapeDtypeStruct:
-    """Check that ``fn(*args)`` returns a real scalar; return its shape/dtype."""
+def scalar_loss(fn, name: str, *args, tuple_hint: str | None = None) -> jax.ShapeDtypeStruct:
+    """Check that ``fn(*args)`` returns a real scalar; return its shape/dtype.
+
+    ``tuple_hint`` is appended when ``fn`` returns a tuple (e.g. a forgotten ``stateful=True``).
+    """
     try:
         out = jax.eval_shape(fn, *args)
     except BilevelInputError:
@@ -116,6 +122,9 @@ def scalar_loss(fn, name: str, *args) -> jax.ShapeDtypeStruct:
         raise BilevelInputError(
             f"calling {name}(base_params, meta_params, batch) failed: {e}"
         ) from e
+    if isinstance(out, tuple):
+        hint = tuple_hint or "return the scalar loss only"
+        raise BilevelInputError(f"{name} returned a tuple of {len(out)}, not a scalar loss: {hint}")
     if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
         raise BilevelInputError(
             f"{name} must return a scalar loss; got {jax.tree.map(lambda x: x.shape, out)}"
@@ -132,3 +141,114 @@ def nonfinite_leaves(tree: PyTree) -> list[str]:
         if not np.all(np.isfinite(np.asarray(x, dtype=np.float64))):
             bad.append(_path(p))
     return bad
+
+
+def float_leaves(tree: PyTree, name: str) -> None:
+    """Check that every leaf of ``tree`` (differentiated: θ or λ) is floating point.
+
+    >>> float_leaves({"w": jnp.ones(2), "n": jnp.int32(0)}, "base_params")
+    Traceback (most recent call last):
+    ...
+    bilevel_jax._checks.BilevelInputError: base_params leaf ['n'] has dtype int32: ...
+    """
+    for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = jnp.result_type(x)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise BilevelInputError(
+                f"{name} leaf {_path(p)} has dtype {dtype}: {name} are differentiated, so every "
+                "leaf must be floating point. Keep integer or boolean values (step counters, "
+                "indices, masks) out of it: close over them in the loss, or pass them as "
+                "model_state (bilevel_step(..., stateful=True))."
+            )
+
+
+def _reached(fn: Callable, tree: PyTree) -> list[bool]:
+    """Which leaves of ``tree`` the output of ``fn(tree)`` depends on through a gradient
+    path (``stop_gradient`` cuts one). Structural, from the jaxpr: an equation whose output is
+    needed needs all its inputs (so calls and control flow count as depending on everything
+    they take), hence True may over-report a dependence but never misses one."""
+    leaves, treedef = jax.tree.flatten(tree)
+    closed = jax.make_jaxpr(lambda *ls: fn(jax.tree.unflatten(treedef, ls)))(*leaves)
+    jaxpr = closed.jaxpr
+    needed = {v for v in jaxpr.outvars if isinstance(v, jex_core.Var)}
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.primitive.name == "stop_gradient":
+            continue
+        if any(v in needed for v in eqn.outvars):
+            needed.update(v for v in eqn.invars if isinstance(v, jex_core.Var))
+    return [v in needed for v in jaxpr.invars]
+
+
+def warn_unreached(
+    losses: Sequence[Callable], meta_params: PyTree, where: str, stacklevel: int = 4
+) -> None:
+    """Warn when a leaf of λ reaches none of ``losses`` (functions of λ alone): its
+    hypergradient is 0 whatever θ and the data are. Checked at trace time; a loss that cannot
+    be analysed is taken to use every leaf (no warning).
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as w:
+    ...     warnings.simplefilter("always")
+    ...     warn_unreached([lambda lam: jnp.sum(lam["w"] ** 2)],
+    ...                    {"w": jnp.ones(2), "lr": jnp.ones(())}, "here")
+    >>> print(str(w[0].message)[:60])
+    here: meta parameter leaf ['lr'] reaches neither base_loss n
+    """
+    paths = [_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(meta_params)[0]]
+    if not paths:
+        return
+    used = [False] * len(paths)
+    try:
+        for fn in losses:
+            used = [u or r for u, r in zip(used, _reached(fn, meta_params))]
+    except Exception:  # noqa: BLE001 - an analysis failure must never break the step
+        return
+    unused = [p for p, u in zip(paths, used) if not u]
+    if unused:
+        warnings.warn(
+            f"{where}: meta parameter leaf {', '.join(unused)} reaches neither base_loss nor "
+            "meta_loss (it is unused, or only behind stop_gradient), so its hypergradient is "
+            "always 0 and the meta optimizer never moves it. An optimizer hyperparameter "
+            "(e.g. a learning rate) must be wired into the optimizer: "
+            "optax.inject_hyperparams with bj.itd/bj.dds(hyperparams={...}); otherwise use it "
+            "in a loss or drop it from the meta parameters.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+
+
+def warn_missing_k_axis(
+    first_base_batch: PyTree, meta_batch: PyTree, k: int, where: str, stacklevel: int = 4
+) -> None:
+    """Warn when ``base_batches`` looks like one batch without the K axis.
+
+    The rule: the meta batch has the structure of one base batch and *every* leaf of the
+    meta batch has one axis more than the base steps' slice ``base_batches[k]``, i.e. every
+    leaf of ``base_batches`` has the meta batch's rank. That is what a forgotten K axis gives
+    (``base_batches`` of shape ``(B, D)`` with a ``(B', D)`` meta batch: K = B steps on single
+    examples). It is only a warning, because K one-example steps with a meta batch of B
+    examples have the same shapes; filter it with
+    ``warnings.filterwarnings("ignore", message=".*no K axis")`` if that is what you mean.
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as w:
+    ...     warnings.simplefilter("always")
+    ...     warn_missing_k_axis(jnp.ones(4), jnp.ones((8, 4)), 8, "bilevel_step")
+    >>> "no K axis" in str(w[0].message)
+    True
+    """
+    base_leaves, base_def = jax.tree.flatten(first_base_batch)
+    meta_leaves, meta_def = jax.tree.flatten(meta_batch)
+    if not base_leaves or base_def != meta_def:
+        return
+    if all(jnp.ndim(m) == jnp.ndim(b) + 1 for b, m in zip(base_leaves, meta_leaves)):
+        shapes = [tuple(jnp.shape(m)) for m in meta_leaves]
+        warnings.warn(
+            f"{where}: base_batches looks like one batch with no K axis: each of its leaves has "
+            f"the rank of the matching meta batch leaf (meta batch shapes {shapes}), so it is "
+            f"taken as K = {k} single-example base steps. Stack the K base batches on a new leading axis, "
+            "e.g. jax.tree.map(lambda x: x[None], batch) (x[None]) for K = 1. If you do mean "
+            "one example per base step, ignore this warning.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )

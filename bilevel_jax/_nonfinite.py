@@ -34,6 +34,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import custom_batching
 from jax.experimental import io_callback
 
@@ -45,7 +46,9 @@ __all__ = [
     "all_finite",
     "check_mode",
     "nonfinite_errors",
+    "norm_finite",
     "report",
+    "warn_if_zero",
 ]
 
 PyTree = Any
@@ -81,9 +84,29 @@ def all_finite(*trees: PyTree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+def norm_finite(tree: PyTree) -> jax.Array:
+    """True when the tree's global 2-norm, as float32, is finite.
+
+    Stricter than :func:`all_finite`: a diverging method (``neumann`` with ``eta`` beyond
+    2/λ_max) can return entries that are each finite but whose norm overflows; applying
+    such a step is as harmful as applying an inf, so callers treat it as non-finite.
+
+    >>> bool(norm_finite(jnp.full(4, 1e20))), bool(norm_finite(jnp.ones(4)))
+    (False, True)
+    """
+    if not jax.tree.leaves(tree):
+        return jnp.asarray(True)
+    return jnp.isfinite(optax.tree.norm(tree).astype(jnp.float32))
+
+
 def _message(where: str, tree: PyTree, hint: str | None, mode: str) -> str:
     bad = _checks.nonfinite_leaves(tree) if tree is not None else []
     leaves = f"; non-finite leaves: {', '.join(bad)}" if bad else ""
+    if tree is not None and not bad:
+        leaves = (
+            "; every entry is finite but the norm overflows float32, as from a diverging "
+            "solver, e.g. neumann with eta above 2/λ_max of the base Hessian"
+        )
     if hint is None:
         hint = "Check the losses and data for NaN/inf or lower the learning rates."
         if mode == "raise":
@@ -239,3 +262,66 @@ def report(
             host(np.asarray(concrete), jax.device_get(tree))
         return
     _checked(host, mode)(jnp.asarray(finite, bool), jax.lax.stop_gradient(tree))
+
+
+ZERO_HINT = (
+    "Usual causes: the meta parameters reach the losses only where ∇_θ L_m is zero, or "
+    "behind stop_gradient, or a wrapped base optimizer whose adapted step ignores them "
+    "(check bilevel_jax.describe(base_tx))."
+)
+
+
+class _Once:
+    """A flag shared by the traces of one step or transform: warn only the first time."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+
+def _host_zero(nonzero, tree, *, where: str, hint: str, once: _Once) -> None:
+    del tree
+    if np.all(np.asarray(nonzero)) or once.done:
+        return
+    once.done = True
+    warnings.warn(
+        f"{where} is exactly 0 in every leaf, so the meta parameters do not move. {hint} "
+        "(Warned once.)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def warn_if_zero(
+    tree: PyTree, *, where: str, once: _Once, active: jax.Array | bool = True, hint: str = ""
+) -> None:
+    """Warn once (per ``once`` flag) when every leaf of ``tree`` is exactly zero.
+
+    Under ``jit`` the check is a ``cond`` with a ``jax.debug.callback`` on the zero branch
+    (batched like :func:`report` under ``vmap``), so a nonzero value costs no host call;
+    ``active=False`` (e.g. a skipped step) disables it.
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as w:
+    ...     warnings.simplefilter("always")
+    ...     flag = _Once()
+    ...     for _ in range(3):
+    ...         jax.jit(lambda g: warn_if_zero(g, where="the hypergradient", once=flag))(
+    ...             jnp.zeros(2))
+    ...     jax.effects_barrier()
+    >>> len(w), str(w[0].message)[:34]
+    (1, 'the hypergradient is exactly 0 in ')
+    """
+    leaves = jax.tree.leaves(tree)
+    if not leaves or once.done:
+        return
+    nonzero = jnp.any(jnp.stack([jnp.any(x != 0) for x in leaves])) | ~jnp.asarray(active)
+    host = functools.partial(_host_zero, where=where, hint=hint, once=once)
+    try:
+        concrete = bool(nonzero)
+    except jax.errors.ConcretizationTypeError:
+        concrete = None
+    if concrete is not None:
+        if not concrete:
+            host(np.asarray(concrete), None)
+        return
+    _checked(host, "warn")(nonzero, None)

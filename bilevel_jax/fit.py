@@ -48,6 +48,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import math
 import os
 import time
 import warnings
@@ -259,6 +260,9 @@ def _validate(resume, checkpointer, eval_every, checkpoint_every) -> None:
 
 
 # -- the run: dispatch, lagged metrics, evaluation, checkpoints ----------------------------------
+_SKIP_STREAK = 10  # warn after this many consecutive skipped meta steps, then at each 10×
+
+
 class _Run:
     """The bookkeeping of one :func:`fit` call; ``self.state`` is always the newest state."""
 
@@ -268,6 +272,7 @@ class _Run:
         self.eval_fn, self.max_skips = eval_fn, max_skips
         self.base_steps = int(state.base_steps)
         self.skipped = [int(state.skipped_base), int(state.skipped_meta)]
+        self.skip_streak = 0  # consecutive skipped meta steps (warned at 10, 100, 1000, ...)
         self.pending: collections.deque = collections.deque()  # (meta, base, device metrics)
         self.history: list[dict] = []
         self.evals: dict[int, dict] = {}
@@ -298,8 +303,29 @@ class _Run:
                 w.write(rec)
             self.skipped[0] += int(values.get("base_skipped", 0))
             self.skipped[1] += int(values.get("meta_skipped", 0))
+            self._warn_skip_streak(int(values.get("meta_skipped", 0)), pos)
             if check:
                 check_skips(_SkipCounts(*self.skipped), self.max_skips)
+
+    def _warn_skip_streak(self, skipped: int, pos: int) -> None:
+        """Warn when 10, 100, 1000, ... consecutive meta steps were skipped as non-finite."""
+        self.skip_streak = self.skip_streak + 1 if skipped else 0
+        n = self.skip_streak
+        if n >= _SKIP_STREAK and n == _SKIP_STREAK ** round(math.log(n, _SKIP_STREAK)):
+            limit = (
+                "max_skips=N makes fit stop such a run (TooManySkipsError)"
+                if self.max_skips is None
+                else f"fit stops after {self.max_skips} skips (max_skips)"
+            )
+            warnings.warn(
+                f"fit: the last {n} consecutive meta steps (up to meta step {pos}) were all "
+                "skipped because the hypergradient or the meta update was not finite, so the "
+                "meta parameters are not learning. Check the losses and data for NaN/inf, "
+                "lower the learning rates, or keep the meta parameters in float32; "
+                f"{limit}.",
+                RuntimeWarning,
+                stacklevel=5,
+            )
 
     def evaluate(self, pos: int) -> None:
         self.evals[pos] = {k: _scalar(v) for k, v in dict(self.eval_fn(self.state)).items()}

@@ -195,6 +195,32 @@ def _cast_floats(tree, dtype):
     )
 
 
+def _check_meta_tx_precision(meta_tx, meta_params: PyTree, meta_opt_state) -> None:
+    """Warn at init when λ has a float16 leaf and ``meta_tx`` turns a small finite
+    hypergradient into a non-finite update (Adam's ``eps=1e-8`` is 0 in float16, so
+    ``m / (√v + eps)`` divides by zero once ``v`` underflows): every such meta step would be
+    skipped. A probe update with a 1e-4 gradient, run only when a float16 leaf exists."""
+    leaves = jax.tree.leaves(meta_params)
+    if not any(jnp.result_type(x) == jnp.float16 for x in leaves):
+        return
+    probe = jax.tree.map(lambda x: jnp.full_like(x, 1e-4), meta_params)
+    try:
+        upd, _ = meta_tx.update(probe, meta_opt_state, meta_params)
+        finite = bool(all_finite(upd))
+    except Exception:  # noqa: BLE001 - traced (init under jit/vmap) or unusual optimizer: no probe
+        return
+    if not finite:
+        warnings.warn(
+            "bilevel_step.init: the meta parameters have float16 leaves, and meta_tx turns a "
+            "small hypergradient (1e-4) into an update that is not finite (e.g. Adam's "
+            "eps=1e-8 underflows to 0 in float16), so such meta steps would all be skipped. "
+            "Keep the meta parameters in float32 (cast them with jnp.float32); "
+            "meta_compute_dtype sets the precision the meta losses run in.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def _leading_size(base_batches: PyTree) -> int:
     """K, the common leading axis of ``base_batches`` (checked; clear errors otherwise)."""
     leaves = jax.tree.leaves(base_batches)
@@ -248,6 +274,10 @@ class BilevelStep:
     axis_name: str | None = None
     sync: str = "mean"
     on_nonfinite: str = "skip"
+    # the identically-zero-hypergradient warning is given once per step object
+    _zero_once: _nonfinite._Once = dataclasses.field(
+        default_factory=_nonfinite._Once, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self):
         if self.sync == "exact":
@@ -338,22 +368,60 @@ class BilevelStep:
             skipped_base=zero,
             skipped_meta=zero,
         )
+        _check_meta_tx_precision(self.meta_tx, state.meta_params, state.meta_opt_state)
         return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
 
-    def _check(self, state: BilevelState, base_batches: PyTree) -> int:
+    def _check(self, state: BilevelState, base_batches: PyTree, meta_batch: PyTree = None) -> int:
+        """Trace-time input checks (clear errors and warnings); returns K."""
         k = _leading_size(base_batches)
+        _checks.float_leaves(state.base_params, "base_params")
+        _checks.float_leaves(state.meta_params, "meta_params")
         _checks.opt_state_matches(self.base_tx, state.base_opt_state, state.base_params)
         _checks.opt_state_matches(self.meta_tx, state.meta_opt_state, state.meta_params)
         first = jax.tree.map(lambda x: x[0], base_batches)
-        base = self._base(state.model_state, jax.random.PRNGKey(0), self.compute_dtype)
-        _checks.scalar_loss(
-            lambda th, lam, b: base(th, lam, b)[0],
-            "base_loss",
-            state.base_params,
-            state.meta_params,
-            first,
+        _checks.warn_missing_k_axis(first, meta_batch, k, "bilevel_step", stacklevel=5)
+        base, meta = self._user_losses(state.model_state)
+        theta, lam = state.base_params, state.meta_params
+        hint = (
+            "with stateful=True base_loss must return (loss, new_model_state)"
+            if self.stateful
+            else "base_loss returned a tuple: for (loss, new_model_state) pass stateful=True to "
+            "bilevel_step (the losses then take the model state as their fourth argument)"
         )
+        _checks.scalar_loss(base, "base_loss", theta, lam, first, tuple_hint=hint)
+        _checks.scalar_loss(meta, "meta_loss", theta, lam, meta_batch)
+        if not getattr(self.method, "hyperparams", None):  # else λ also reaches base_tx
+            _checks.warn_unreached(
+                [lambda m: base(theta, m, first), lambda m: meta(theta, m, meta_batch)],
+                lam,
+                "bilevel_step",
+                stacklevel=5,
+            )
         return k
+
+    def _user_losses(self, model_state):
+        """The user's losses as ``(θ, λ, batch) -> loss`` with nothing cast (for the checks);
+        with ``stateful=True`` base_loss's ``(loss, new_model_state)`` is checked and unpacked."""
+        kw = {"rng": jax.random.PRNGKey(0)} if self.use_rng else {}
+
+        def base(theta, lam, batch):
+            args = _cast_floats((theta, lam, batch), self.compute_dtype)
+            if not self.stateful:
+                return self.base_loss(*args, **kw)
+            out = self.base_loss(*args, model_state, **kw)
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise _checks.BilevelInputError(
+                    "with stateful=True base_loss must return (loss, new_model_state); got "
+                    f"{type(out).__name__}. Without model state, drop stateful=True."
+                )
+            return out[0]
+
+        def meta(theta, lam, batch):
+            args = _cast_floats((theta, lam, batch), self.meta_compute_dtype)
+            extra = (model_state,) if self.stateful else ()
+            return self.meta_loss(*args, *extra, **kw)
+
+        return base, meta
 
     def _base_step(self, carry, meta_params, batch, key):
         """One base step (:func:`bilevel_jax.base_step`), its model state kept only if finite."""
@@ -482,9 +550,17 @@ class BilevelStep:
         hg, method_state = self._hypergrad(state, base_batch, meta_batch, last_grad, last_opt_state)
         lam = state.meta_params
         upd, meta_opt_state = self.meta_tx.update(hg.meta_grad, state.meta_opt_state, lam)
-        ok = hg.finite & all_finite(upd)
+        # an overflowing norm (a diverging neumann series) counts as non-finite too
+        ok = hg.finite & _nonfinite.norm_finite(hg.meta_grad) & all_finite(upd)
         _nonfinite.report(
             ok, self.on_nonfinite, where="bilevel_step: the hypergradient", tree=hg.meta_grad
+        )
+        _nonfinite.warn_if_zero(
+            hg.meta_grad,
+            where="bilevel_step: the hypergradient",
+            once=self._zero_once,
+            active=ok,
+            hint=_nonfinite.ZERO_HINT,
         )
         theta = state.base_params
         if self.method.step_along_v:
@@ -505,7 +581,7 @@ class BilevelStep:
         self, state: BilevelState, base_batches: PyTree, meta_batch: PyTree
     ) -> tuple[BilevelState, dict]:
         """K base steps then one meta step; returns the new state and scalar metrics."""
-        self._check(state, base_batches)
+        self._check(state, base_batches, meta_batch)
         rng, base_rng, meta_rng = jax.random.split(state.rng, 3)
         state, base = self.base_phase(state._replace(rng=base_rng), base_batches)
         state, hg = self.meta_phase(

@@ -91,6 +91,8 @@ def _check_args(updates, **required) -> None:
             f"arguments base_params, base_opt_state, base_batch, meta_batch; missing: {missing}"
         )
     _checks.same_structure(params=required["params"], updates=updates)
+    _checks.float_leaves(required["base_params"], "base_params")
+    _checks.float_leaves(required["params"], "meta_params")
 
 
 def _apply(updates, state: MetaGradState, result, method_state, info_keys) -> tuple:
@@ -142,6 +144,8 @@ def _stateful_problem(problem: BilevelProblem, stateful: bool, model_state: Any)
 def _update_fn(
     method: HypergradMethod, problem: BilevelProblem, on_nonfinite: str, stateful: bool = False
 ):
+    once = _nonfinite._Once()  # the identically-zero-hypergradient warning: once per transform
+
     def update_fn(
         updates,
         state,
@@ -175,12 +179,30 @@ def _update_fn(
             last_opt_state,
         )
         bound = _stateful_problem(problem, stateful, model_state)
+        if not getattr(method, "hyperparams", None):  # else λ also reaches base_tx
+            _checks.warn_unreached(
+                [
+                    lambda m: bound.base_loss(base_params, m, base_batch),
+                    lambda m: bound.meta_loss(base_params, m, meta_batch),
+                ],
+                params,
+                "bilevel_jax.meta_grad",
+            )
         result, method_state = method.hypergrad(bound, inputs, state.method_state)
+        # an overflowing norm (a diverging neumann series) counts as non-finite too
+        result = result._replace(finite=result.finite & _nonfinite.norm_finite(result.meta_grad))
         _nonfinite.report(
             result.finite,
             on_nonfinite,
             where="bilevel_jax.meta_grad: the hypergradient",
             tree=result.meta_grad,
+        )
+        _nonfinite.warn_if_zero(
+            result.meta_grad,
+            where="bilevel_jax.meta_grad: the hypergradient",
+            once=once,
+            active=result.finite,
+            hint=_nonfinite.ZERO_HINT,
         )
         return _apply(updates, state, result, method_state, method.info_keys)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -165,6 +166,13 @@ def neumann(
       Implicit(solver=partial(solve_neumann, maxiter=10, eta=0.1, damping=0.0), warm_start=False, name='neumann')
     """
     maxiter = _maxiter("neumann", maxiter, 5, k)
+    if not (isinstance(maxiter, int) and maxiter >= 0):
+        raise ValueError(f"neumann: maxiter must be an integer >= 0; got {maxiter!r}")
+    if isinstance(eta, int | float) and not (math.isfinite(eta) and eta > 0):
+        raise ValueError(
+            f"neumann: eta must be a positive finite number (the series converges for "
+            f"0 < eta < 2/λ_max of the base Hessian); got {eta!r}"
+        )
     solver = functools.partial(linalg.solve_neumann, maxiter=maxiter, eta=eta, damping=damping)
     return Implicit(solver=solver, warm_start=False, name="neumann")
 

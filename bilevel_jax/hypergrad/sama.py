@@ -26,6 +26,7 @@ difference differentiates through (``docs/math.md``, section 1.1).
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from typing import Literal
 
@@ -222,6 +223,14 @@ class SAMA(MethodBase):
     name: str = "sama"
     info_keys = ("eps", "v_norm")
     supports_exact_sync = True
+
+    def __post_init__(self) -> None:
+        alpha = self.alpha  # checked here, not first when the step is traced
+        if isinstance(alpha, int | float) and not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(
+                f"{self.name}: alpha must be a positive finite number (ε = α/‖v‖ is the "
+                f"finite-difference step); got {alpha!r}. The usual range is 0.01 to 1."
+            )
 
     @property
     def base_step(self) -> bool:
