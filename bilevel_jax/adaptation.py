@@ -29,7 +29,28 @@ transform                          ∂out/∂in
 ``scale_by_rss``                   ``(S+ε) / (S'+ε)^{3/2}``
 ``clip(δ)``                        ``1{|g| ≤ δ}``
 ``clip_by_global_norm(c)``         rank one: ``(c/‖g‖)(w − ĝ(ĝ·w))`` if ``‖g‖ ≥ c``
+``clip_by_block_rms(τ)``           per leaf: ``1``, or ``(τ/rms)(w − û(û·w))``
+``scale_by_novograd``              ``w/(r+ε) − (a/r)g(g·w)/(r+ε)²`` (limit 0 at r = 0)
+``scale_by_param_block_rms``       ``max(rms(θ), min_scale)``
+``scale_by_factored_rms``          ``jax.vjp`` of a copy of optax's update with an
+                                   overflow-free derivative of ``ν^{-1/2}``
 ================================  =============================================
+
+Wrappers are walked to their inner transforms:
+
+- ``apply_if_finite(inner)``: the inner rule when the update is accepted, 0 when rejected.
+- ``partition`` / ``multi_transform`` (and so ``muon``): each label's rule on its leaves.
+- ``MultiSteps(inner, k)``: a mini-step that does not update has a zero Jacobian, so the
+  rule goes through the inner update that the accumulated gradient ``G`` will take:
+  ``(∂G/∂g)·J_inner(Ĝ)ᵀw`` with ``∂G/∂g = 1/k`` (mean) and ``Ĝ`` the running
+  accumulation; at the boundary mini-step this is the Jacobian of the update itself.
+- ``lookahead(fast)``: params are ``optax.LookaheadParams``; the fast optimizer's rule,
+  mixed as ``α(w_fast + w_slow)`` at a sync step; ``v`` has θ's structure, slow part 0.
+- ``contrib.schedule_free(base)``: ``(b1·c + 1 − b1)`` times the base rule.
+
+At a leaf with zero gradient and zero second moment (an unused head, an embedding
+row no batch has reached) these rules take the limit, where autodiff of ``√ν`` at
+``ν = 0`` gives NaN (and every SAMA meta step would be skipped).
 
 How a rule is found: optax builds transforms as closures, so this module
 recognises optax's own update functions (by qualified name) and reads their
@@ -243,6 +264,167 @@ class _Inject(_Node):
         return f"inject_hyperparams({inner.describe(state.inner_state)})"
 
 
+@dataclasses.dataclass(frozen=True)
+class _IfFinite(_Node):
+    """``optax.apply_if_finite(inner, k)``: the inner Jacobian when the update is accepted, else 0.
+
+    The update is ``inner.update(g)`` when ``g`` is finite (or after more than ``k``
+    consecutive non-finite gradients) and ``0`` otherwise; the accept/reject decision
+    is locally constant in ``g``, so the Jacobian is the inner one or zero.
+    """
+
+    inner: _Node = None  # type: ignore[assignment] - always given
+    max_errors: Any = None
+
+    def vjp(self, g, state, params, w):
+        isfinite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(g)]))
+        count = jnp.where(isfinite, 0, optax.safe_increment(state.notfinite_count))
+        accept = jnp.logical_or(isfinite, count > self.max_errors)
+        w_in = self.inner.vjp(g, state.inner_state, params, w)
+        return jax.tree.map(lambda a: jnp.where(accept, a, jnp.zeros_like(a)), w_in)
+
+    def describe(self, state) -> str:
+        inner_state = None if state is None else state.inner_state
+        return f"apply_if_finite({self.inner.describe(inner_state)})"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Partition(_Node):
+    """``optax.partition`` / ``optax.multi_transform``: each label's rule on its own leaves.
+
+    optax applies ``masked(tx_label, labels == label)`` for each label in turn; the
+    masks are disjoint, so the Jacobian is block diagonal with one block per label.
+    """
+
+    labels: Any = None
+    groups: tuple = ()  # (label, _Node) pairs in optax's order
+
+    def _masks(self, g):
+        labels = self.labels(g) if callable(self.labels) else self.labels
+        return [jax.tree.map(lambda lab, k=k: lab == k, labels) for k, _ in self.groups]
+
+    def vjp(self, g, state, params, w):
+        for (label, node), mask in zip(self.groups, self._masks(g)):
+            masked = _Masked(f"partition[{label!r}]", node.update_fn, inner=node, mask=mask)
+            w = masked.vjp(g, state.inner_states[label], params, w)
+        return w
+
+    def describe(self, state) -> str:
+        parts = []
+        for label, node in self.groups:
+            s = None if state is None else state.inner_states[label].inner_state
+            parts.append(f"{label!r}: {node.describe(s)}")
+        return f"partition({', '.join(parts)})"
+
+
+@dataclasses.dataclass(frozen=True)
+class _MultiSteps(_Node):
+    r"""``optax.MultiSteps(inner, k)``: through the inner update the accumulated gradient takes.
+
+    Between boundaries MultiSteps returns 0, so the literal Jacobian of a mini-step
+    that does not update is 0 (what ``rule="vjp"`` gives), and SAMA's adapted
+    direction would vanish. The gradient ``g`` of this mini-step enters the
+    accumulated gradient ``G`` that the inner optimizer steps with at the boundary,
+    with ``∂G/∂g = 1/k`` (mean, the default) or ``1`` (``use_grad_mean=False``). The
+    rule is ``(∂G/∂g) · J_inner(Ĝ)ᵀ w`` at the inner state, where ``Ĝ`` is the running
+    accumulation including ``g`` (the running mean; the running sum scaled by
+    ``k/(n+1)`` for sums). At the boundary mini-step ``Ĝ = G`` and this is exactly the
+    Jacobian of the update. A mini-step rejected by ``should_skip_update_fn`` gives 0.
+    """
+
+    inner: _Node = None  # type: ignore[assignment] - always given
+    ms: Any = None  # the optax.MultiSteps object
+
+    def vjp(self, g, state, params, w):
+        ms = self.ms
+        k = ms._every_k_schedule(state.gradient_step)
+        skip, _ = ms._should_skip_update_fn(g, state.gradient_step, params)
+        n = state.mini_step
+        acc = jax.tree.map(lambda gi, a: ms._acc_update(gi, a, n_acc=n), g, state.acc_grads)
+        acc = optax.tree.cast_like(acc, g)
+        if ms._use_grad_mean:
+            scale = 1.0 / k
+        else:
+            scale = 1.0
+            acc = jax.tree.map(lambda a: a * (k / (n + 1)).astype(a.dtype), acc)
+        w_in = self.inner.vjp(acc, state.inner_opt_state, params, w)
+        return jax.tree.map(
+            lambda a: jnp.where(skip, jnp.zeros_like(a), (a * scale).astype(a.dtype)), w_in
+        )
+
+    def describe(self, state) -> str:
+        inner_state = None if state is None else state.inner_opt_state
+        how = "1/k" if self.ms._use_grad_mean else "1 (summed)"
+        return (
+            f"MultiSteps({self.inner.describe(inner_state)}; adapted through the inner update "
+            f"the accumulated gradient takes, weight {how})"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Lookahead(_Node):
+    r"""``optax.lookahead(fast, k, α)``: the fast optimizer's Jacobian, mixed at a sync step.
+
+    Params are ``LookaheadParams(fast, slow)`` and the gradient is the fast one. The
+    update is ``(fast: Δ, slow: 0)`` between syncs and ``(fast: αΔ + c, slow: αΔ + c')``
+    at a sync step (``Δ`` the fast optimizer's update), so with the cotangent
+    ``w = (w_f, w_s)``: ``J_fastᵀ(w_f)`` between syncs and ``J_fastᵀ(α(w_f + w_s))`` at a sync.
+    """
+
+    inner: _Node = None  # type: ignore[assignment] - always given
+    sync_period: Any = None
+    slow_step_size: Any = None
+
+    def vjp(self, g, state, params, w):
+        sync = (state.steps_since_sync == (self.sync_period - 1)).astype(jnp.result_type(float))
+        a = self.slow_step_size
+
+        def mix(wf, ws):
+            s = sync.astype(wf.dtype)
+            return ((1 - s * (1 - a)) * wf + (s * a) * ws).astype(wf.dtype)
+
+        w_fast = jax.tree.map(mix, w.fast, w.slow)
+        return self.inner.vjp(g, state.fast_state, params.fast, w_fast)
+
+    def describe(self, state) -> str:
+        inner_state = None if state is None else state.fast_state
+        return f"lookahead({self.inner.describe(inner_state)}; fast parameters)"
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScheduleFree(_Node):
+    r"""``optax.contrib.schedule_free(base, lr, b1)``: a scalar times the base Jacobian.
+
+    ``z' = z + Δ_base``, ``x' = (1−c)x + c z'``, ``y' = b1 x' + (1−b1) z'`` and the
+    update is ``y' − y``, so ``∂update/∂Δ_base = b1·c + 1 − b1`` with optax's averaging
+    weight ``c = w_t/Σw`` (computed from the state exactly as optax does).
+    """
+
+    inner: _Node = None  # type: ignore[assignment] - always given
+    cells: dict = None  # type: ignore[assignment] - always given
+
+    def _ck(self, state):
+        lr, power = self.cells["learning_rate"], self.cells["weight_lr_power"]
+        if callable(lr):
+            lr = jnp.asarray(lr(state.step_count), dtype=state.max_lr.dtype)
+        weight = jnp.maximum(state.max_lr, lr) ** power
+        total = state.weight_sum + weight
+        return jnp.where(
+            jnp.logical_or(jnp.isnan(weight), jnp.isnan(total)),
+            jnp.full(weight.shape, jnp.nan),
+            jnp.nan_to_num(weight / total, nan=0.0, posinf=jnp.inf),
+        )
+
+    def vjp(self, g, state, params, w):
+        b1, ck = self.cells["b1"], self._ck(state)
+        w = jax.tree.map(lambda wi: (ck * (b1 * wi) + (1.0 - b1) * wi).astype(wi.dtype), w)
+        return self.inner.vjp(g, state.base_optimizer_state, params, w)
+
+    def describe(self, state) -> str:
+        inner_state = None if state is None else state.base_optimizer_state
+        return f"schedule_free({self.inner.describe(inner_state)})"
+
+
 def _convert_floats(x, dtype):
     # Mirrors optax.inject_hyperparams: strong jax arrays pass, floats are cast.
     if isinstance(x, jax.Array) and not getattr(x, "weak_type", False):
@@ -406,6 +588,156 @@ def _rss_rule(cells):
     return rule
 
 
+def _block_rms_rule(cells):
+    r"""Jacobian of ``clip_by_block_rms(τ)`` per leaf: ``u / max(1, rms(u)/τ)``.
+
+    Identity where ``rms(u) ≤ τ`` (a neighbourhood of ``u = 0`` included, where
+    autodiff of ``√mean(u²)`` gives NaN); else ``(τ/rms)(w − û(û·w))`` with
+    ``û = u/‖u‖``.
+    """
+    tau = cells["threshold"]
+
+    def rule(g, state, params, w):
+        def leaf(u, wi):
+            rms = jnp.sqrt(jnp.mean(jnp.abs(u) ** 2))
+            clipped = rms / tau > 1
+            sq = jnp.sum(jnp.abs(u) ** 2)
+            dot = jnp.sum(u * wi) / jnp.where(clipped, sq, 1)
+            scale = tau / jnp.where(clipped, rms, 1)
+            return jnp.where(clipped, scale * (wi - dot * u), wi).astype(wi.dtype)
+
+        return jax.tree.map(leaf, g, w)
+
+    return rule
+
+
+def _param_block_rms_rule(cells):
+    """Jacobian of ``scale_by_param_block_rms``: ``max(rms(θ), min_scale)`` per leaf (linear)."""
+    min_scale = cells["min_scale"]
+
+    def rule(g, state, params, w):
+        def leaf(wi, pi):
+            return (wi * optax.safe_root_mean_squares(pi, min_scale)).astype(wi.dtype)
+
+        return jax.tree.map(leaf, w, params)
+
+    return rule
+
+
+def _novograd_rule(cells):
+    r"""Jacobian of ``scale_by_novograd`` (one second moment per leaf).
+
+    With ``ν' = ‖g‖²`` at the first step and ``β₂ν + (1−β₂)‖g‖²`` after (``a`` = 1 or
+    ``1−β₂`` its derivative in ``‖g‖²``), ``r = √(ν' + ε_root)`` and the update
+    ``μ' = g/(r+ε) + wd·θ (+ β₁μ)``:
+
+        Jᵀw = w/(r+ε) − (a/r)·g(g·w)/(r+ε)²,
+
+    whose second term is taken at its limit 0 where ``r = 0`` (``g = ν = 0``): autodiff
+    of ``‖g‖`` at ``g = 0`` gives NaN there.
+    """
+    b2 = _cells(cells["update_nu"])["b2"]
+    mu_cells = _cells(_cells(cells["init_mu"])["mu_addition"])
+    eps, eps_root = mu_cells["eps"], mu_cells["eps_root"]
+
+    def rule(g, state, params, w):
+        first = optax.safe_increment(state.count) == 1
+
+        def leaf(gi, ni, wi):
+            sq = jnp.linalg.norm(gi) ** 2
+            nu = jnp.where(first, sq.astype(ni.dtype), (1 - b2) * sq + b2 * ni)
+            a = jnp.where(first, 1.0, 1.0 - b2)
+            r = jnp.sqrt(nu + eps_root)
+            inv_r = jnp.where(r > 0, 1 / jnp.where(r > 0, r, 1), 0)
+            out = wi / (r + eps) - (a * inv_r * jnp.sum(gi * wi) / (r + eps) ** 2) * gi
+            return out.astype(wi.dtype)
+
+        return jax.tree.map(leaf, g, state.nu, w)
+
+    return rule
+
+
+@jax.custom_jvp
+def _inv_sqrt(x):
+    return x**-0.5
+
+
+@_inv_sqrt.defjvp
+def _inv_sqrt_jvp(primals, tangents):
+    # d x^{-1/2} = -½ x^{-1/2} (dx/x): the same derivative as autodiff's -½ x^{-3/2} dx,
+    # written so that x^{-3/2} (1e45 at Adafactor's ε₁ = 1e-30) never overflows float32.
+    (x,), (t,) = primals, tangents
+    y = x**-0.5
+    return y, -0.5 * y * (t / x)
+
+
+@jax.custom_jvp
+def _div(a, b):
+    return a / b
+
+
+@_div.defjvp
+def _div_jvp(primals, tangents):
+    # d(a/b) = (da − q·db)/b: autodiff's a·db/b² underflows b² to 0 at b = 1e-30 in float32.
+    (a, b), (ta, tb) = primals, tangents
+    q = a / b
+    return q, (ta - q * tb) / b
+
+
+def _factored_rms_rule(cells):
+    r"""Jacobian of ``scale_by_factored_rms`` (Adafactor's second moment).
+
+    ``jax.vjp`` of a copy of optax's update (same operations, same rounding) in which
+    the derivative of ``v^{-1/2}`` is written ``−½v^{-1/2}(dv/v)`` and that of ``a/b``
+    ``(da − (a/b)db)/b``. Autodiff of optax's ``v ** -0.5`` forms ``v^{-3/2}`` (and of
+    ``a/b`` forms ``b²``), which overflow float32 where ``g = v = 0`` (``v = ε₁ = 1e-30``)
+    and give ``∞·0 = NaN`` at the zero gradient.
+    """
+    from optax._src import factorized  # the private helper optax's update calls
+
+    decay_rate_fn, decay_rate, step_offset = (
+        cells["decay_rate_fn"],
+        cells["decay_rate"],
+        cells["step_offset"],
+    )
+    factored, min_dim, epsilon = (
+        cells["factored"],
+        cells["min_dim_size_to_factor"],
+        cells["epsilon"],
+    )
+
+    def leaf_update(grad, v_row, v_col, v, param, step):
+        dtype = param.dtype
+        decay = decay_rate_fn(step - step_offset, decay_rate)
+        dims = factorized._factored_dims(param.shape, factored, min_dim)
+        grad_sqr = jnp.abs(grad) ** 2 + epsilon
+        if dims is not None:
+            d1, d0 = dims
+            new_row = (decay * v_row + (1.0 - decay) * jnp.mean(grad_sqr, axis=d0)).astype(dtype)
+            new_col = (decay * v_col + (1.0 - decay) * jnp.mean(grad_sqr, axis=d1)).astype(dtype)
+            reduced_d1 = d1 - 1 if d1 > d0 else d1
+            row_col_mean = jnp.mean(new_row, axis=reduced_d1, keepdims=True)
+            row_factor = _inv_sqrt(_div(new_row, row_col_mean))
+            col_factor = _inv_sqrt(new_col)
+            return (
+                grad * jnp.expand_dims(row_factor, axis=d0) * jnp.expand_dims(col_factor, axis=d1)
+            )
+        new_v = (decay * v + (1.0 - decay) * grad_sqr).astype(dtype)
+        return grad * _inv_sqrt(new_v)
+
+    def rule(g, state, params, w):
+        def leaf(gi, v_row, v_col, v, pi):
+            return leaf_update(gi, v_row, v_col, v, pi, state.count)
+
+        def update(x):
+            return jax.tree.map(leaf, x, state.v_row, state.v_col, state.v, params)
+
+        out, pullback = jax.vjp(update, g)
+        return pullback(jax.tree.map(lambda wi, oi: jnp.asarray(wi, oi.dtype), w, out))[0]
+
+    return rule
+
+
 # qualified name of optax's update closure -> (rule factory, closure variables it reads)
 _RULES: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "scale": (_scale_rule, ("step_size",)),
@@ -418,6 +750,20 @@ _RULES: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "scale_by_adam": (_adam_rule, ("b1", "b2", "eps", "eps_root", "nesterov")),
     "scale_by_rms": (_rms_rule, ("decay", "eps", "bias_correction", "eps_in_sqrt")),
     "scale_by_rss": (_rss_rule, ("eps",)),
+    "clip_by_block_rms": (_block_rms_rule, ("threshold",)),
+    "scale_by_novograd": (_novograd_rule, ("update_nu", "init_mu")),
+    "scale_by_param_block_rms": (_param_block_rms_rule, ("min_scale",)),
+    "scale_by_factored_rms": (
+        _factored_rms_rule,
+        (
+            "decay_rate_fn",
+            "decay_rate",
+            "step_offset",
+            "factored",
+            "min_dim_size_to_factor",
+            "epsilon",
+        ),
+    ),
 }
 
 _SIGN_BASED = {
@@ -438,6 +784,9 @@ def _transform_name(fn) -> str:
 
 def _parse(update_fn) -> _Node:
     """Turn an optax update function into a plan of closed-form and fallback nodes."""
+    owner = getattr(update_fn, "__self__", None)
+    if isinstance(owner, optax.MultiSteps):
+        return _MultiSteps("MultiSteps", update_fn, inner=_parse(owner.inner_opt.update), ms=owner)
     module = getattr(update_fn, "__module__", "") or ""
     qualname = getattr(update_fn, "__qualname__", "")
     name = _transform_name(update_fn)
@@ -452,6 +801,36 @@ def _parse(update_fn) -> _Node:
         return _Chain("chain", update_fn, children=children)
     if name == "masked" and {"inner", "mask"} <= cells.keys():
         return _Masked("masked", update_fn, inner=_parse(cells["inner"].update), mask=cells["mask"])
+    if name == "apply_if_finite" and {"inner", "max_consecutive_errors"} <= cells.keys():
+        return _IfFinite(
+            name,
+            update_fn,
+            inner=_parse(cells["inner"].update),
+            max_errors=cells["max_consecutive_errors"],
+        )
+    if name == "partition" and {"transforms", "param_labels"} <= cells.keys():
+        groups = tuple((k, _parse(t.update)) for k, t in cells["transforms"].items())
+        return _Partition(name, update_fn, labels=cells["param_labels"], groups=groups)
+    if name == "lookahead" and {"fast_optimizer", "sync_period", "slow_step_size"} <= cells.keys():
+        return _Lookahead(
+            name,
+            update_fn,
+            inner=_parse(cells["fast_optimizer"].update),
+            sync_period=cells["sync_period"],
+            slow_step_size=cells["slow_step_size"],
+        )
+    if (
+        name == "schedule_free"
+        and {
+            "base_optimizer",
+            "learning_rate",
+            "b1",
+            "weight_lr_power",
+        }
+        <= cells.keys()
+    ):
+        inner = _parse(cells["base_optimizer"].update)
+        return _ScheduleFree(name, update_fn, inner=inner, cells=cells)
     if name.startswith("inject_") and "inner_factory" in cells and qualname.endswith("update_fn"):
         return _Inject(name, update_fn, cells=cells)
     if name in _SIGN_BASED and (name != "scale_by_lion" or cells.get("mode", "hard") == "hard"):
@@ -510,7 +889,12 @@ def adapt(
     Raises:
       UnsupportedTransformError: for sign-based transforms (zero Jacobian a.e.).
       AdaptationError: if a transform cannot be differentiated, if ``d``, ``grads``,
-        ``params`` and ``state`` do not belong together, or for an unknown ``rule``.
+        ``params`` and ``state`` do not belong together, or for an unknown ``rule``;
+        for ``optax.lookahead``, if ``params`` is not an ``optax.LookaheadParams``.
+
+    Wrappers (``apply_if_finite``, ``partition``, ``MultiSteps``, ``lookahead``,
+    ``schedule_free``) are walked as the module docstring says. ``rule="vjp"`` stays
+    the literal derivative: 0 on a ``MultiSteps`` mini-step that does not update.
 
     Example (Adam at its first step from a zero state: ``v = lr·ε/(|g|+ε)² d``):
       >>> import jax.numpy as jnp
@@ -532,6 +916,8 @@ def adapt(
         rule = "vjp" if exact else "closed_form"
     if rule not in ("closed_form", "vjp"):
         raise AdaptationError(f"rule must be 'closed_form' or 'vjp', got {rule!r}")
+    if _is_lookahead(tx):
+        return _adapt_lookahead(tx, d, grads=grads, state=state, params=params, rule=rule)
     _checks.same_structure(params=params, grads=grads, d=d)
     _checks.opt_state_matches(tx, state, params)
     if rule == "vjp":
@@ -540,6 +926,62 @@ def adapt(
         node = _parse(tx.update)
     # u = -Δ, so J_uᵀ d = J_Δᵀ (−d): one negation of the cotangent.
     return node.vjp(grads, state, params, _negate(d))
+
+
+def _is_lookahead(tx) -> bool:
+    fn = getattr(tx, "update", None)
+    module = getattr(fn, "__module__", "") or ""
+    return module.startswith("optax") and _transform_name(fn) == "lookahead"
+
+
+def _lookahead_params_error(params) -> AdaptationError:
+    return AdaptationError(
+        "optax.lookahead keeps fast and slow parameters: the base parameters must be an "
+        f"optax.LookaheadParams(fast=..., slow=...), got {type(params).__name__}. Start from "
+        "optax.LookaheadParams.init_synced(params) and let the base loss read params.fast "
+        "(the gradient is taken with respect to the fast parameters)."
+    )
+
+
+def lookahead_fast_grad(tx, grads: PyTree, params: PyTree) -> PyTree:
+    """The gradient ``tx.update`` expects: the fast part for ``optax.lookahead``, else ``grads``.
+
+    With ``θ = LookaheadParams(fast, slow)`` autodiff gives a gradient of the same
+    structure (zero slow part); optax's lookahead wants the fast gradient only.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> tx = optax.lookahead(optax.sgd(0.1), 2, 0.5)
+      >>> th = optax.LookaheadParams.init_synced(jnp.ones(2))
+      >>> print(lookahead_fast_grad(tx, th, th))
+      [1. 1.]
+    """
+    if not _is_lookahead(tx):
+        return grads
+    if not isinstance(params, optax.LookaheadParams):
+        raise _lookahead_params_error(params)
+    if isinstance(grads, optax.LookaheadParams):
+        return grads.fast
+    return grads
+
+
+def _adapt_lookahead(tx, d, *, grads, state, params, rule):
+    """``adapt`` for ``optax.lookahead``: ``v`` is shaped like θ, zero on the slow part."""
+    g = lookahead_fast_grad(tx, grads, params)
+    _checks.same_structure(params=params, d=d)
+    try:
+        _checks.same_structure(fast_params=params.fast, grads=g)
+    except _checks.BilevelInputError as e:
+        raise AdaptationError(
+            "optax.lookahead takes the gradient with respect to the fast parameters: grads "
+            "must have the structure of params.fast (or of the LookaheadParams, whose slow "
+            f"part is ignored). {e}"
+        ) from e
+    _checks.opt_state_matches(tx, state, params)
+    node = _Fallback("lookahead", tx.update) if rule == "vjp" else _parse(tx.update)
+    v_fast = node.vjp(g, state, params, _negate(d))
+    return optax.LookaheadParams(fast=v_fast, slow=jax.tree.map(jnp.zeros_like, d.slow))
 
 
 def exact_adapt(
@@ -582,5 +1024,7 @@ def describe(tx: optax.GradientTransformation, state: optax.OptState | None = No
       'chain(scale_by_adam: closed form, scale: closed form)'
       >>> describe(optax.amsgrad(1e-3))
       'chain(scale_by_amsgrad: jax.vjp fallback, scale: closed form)'
+      >>> describe(optax.apply_if_finite(optax.sgd(1e-3), 5))
+      'apply_if_finite(chain(identity: closed form, scale: closed form))'
     """
     return _parse(tx.update).describe(state)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from bilevel_jax._nonfinite import all_finite
+from bilevel_jax.adaptation import lookahead_fast_grad
 
 __all__ = ["BaseStepResult", "base_step"]
 
@@ -114,7 +115,8 @@ def base_step(
     finite = jnp.isfinite(loss) & all_finite(grad)
 
     def apply(_):
-        updates, new_state = tx.update(grad, opt_state, params)
+        # optax.lookahead wants the fast gradient of LookaheadParams (clear error otherwise)
+        updates, new_state = tx.update(lookahead_fast_grad(tx, grad, params), opt_state, params)
         return optax.apply_updates(params, updates), new_state
 
     if check_finite:
