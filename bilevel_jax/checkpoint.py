@@ -37,6 +37,7 @@ Single process only: the checksum reads every leaf on the host.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -209,6 +210,28 @@ def _structure_mismatch(expected: list, found: list) -> str | None:
     if not problems and [p for p, _, _ in expected] != [p for p, _, _ in found]:
         problems.append("the leaves are in a different order")
     return "; ".join(problems[:12]) or None
+
+
+# BilevelState counters renamed after 0.1.0: new leaf path -> the path 0.1.0 checkpoints hold.
+_RENAMED_COUNTERS = {".base_steps": ".step", ".meta_steps": ".meta_step"}
+
+
+def _legacy_template(template: PyTree, expected: list, found: list) -> PyTree | None:
+    """``template`` with BilevelState's 0.1.0 field names, when that is the only difference.
+
+    Checkpoints written by bilevel_jax 0.1.0 name the counters ``step`` and ``meta_step``; orbax
+    restores by field name, so they are read through a NamedTuple of the old names (same order)
+    and converted back. Any other mismatch returns None (a structure error).
+    """
+    from bilevel_jax.loop import BilevelState  # lazy: the loop is not needed to checkpoint
+
+    if not isinstance(template, BilevelState):
+        return None
+    renamed = [[_RENAMED_COUNTERS.get(p, p), d, s] for p, d, s in expected]
+    if _structure_mismatch(renamed, found) is not None:
+        return None
+    fields = [_RENAMED_COUNTERS.get("." + f, "." + f)[1:] for f in BilevelState._fields]
+    return collections.namedtuple("BilevelState", fields)(*template)
 
 
 class Checkpointer:
@@ -416,15 +439,29 @@ class Checkpointer:
         if meta["step"] != step:
             raise CheckpointCorruptError(f"metadata belongs to step {meta['step']}, not {step}")
         problem = _structure_mismatch(expected, meta["leaves"])
-        if problem:
+        legacy = _legacy_template(template, expected, meta["leaves"]) if problem else None
+        if problem and legacy is None:
             raise CheckpointStructureError(
                 f"bilevel_jax.checkpoint: the template does not match checkpoint {step} in "
                 f"{self.directory}: {problem}"
             )
+        if legacy is not None:
+            warnings.warn(
+                f"bilevel_jax.checkpoint: checkpoint {step} in {self.directory} was written "
+                "before BilevelState's counters were renamed; its step/meta_step are read as "
+                "base_steps/meta_steps (save it again to update it).",
+                DeprecationWarning,
+                stacklevel=3,
+            )
         try:
             state = self._manager.restore(
-                step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(template)})
+                step,
+                args=ocp.args.Composite(
+                    **{_STATE: ocp.args.StandardRestore(template if legacy is None else legacy)}
+                ),
             )[_STATE]
+            if legacy is not None:
+                state = type(template)(*state)
         except Exception as e:  # noqa: BLE001
             raise CheckpointCorruptError(
                 f"state unreadable: {type(e).__name__}: {_short(e)}"
