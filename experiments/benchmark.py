@@ -35,7 +35,9 @@ Methods: SAMA (``adapt_from="last"``, the default ``difference="sequential"``), 
 DARTS (T1–T2), Neumann (K = 5), CG (K = 5), ITD (unroll 10), SOBA, DDS; SAMA variants
 ``sama_vmap`` (the central difference as one batched pass), ``sama_fresh`` (a fresh adaptation
 gradient), ``sama_bf16`` (the meta step's losses in bf16 — cheaper, but bf16 cannot resolve the
-finite difference; see ``bilevel_jax/loop.py``).
+finite difference; see ``bilevel_jax/loop.py``), ``sama_jvp`` (``difference="jvp"``: the exact
+forward-mode mixed product in place of the central difference) and ``sama_jvp_bf16`` (the same
+with the meta step's losses in bf16, which the forward product resolves).
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ METHODS: dict[str, tuple[Any, Any]] = {
     "sama_vmap": (bj.sama(alpha=1.0, adapt_from="last", difference="vmap"), None),
     "sama_fresh": (bj.sama(alpha=1.0, adapt_from="fresh"), None),
     "sama_bf16": (bj.sama(alpha=1.0, adapt_from="last"), jnp.bfloat16),
+    "sama_jvp": (bj.sama(alpha=1.0, adapt_from="last", difference="jvp"), None),
+    "sama_jvp_bf16": (bj.sama(alpha=1.0, adapt_from="last", difference="jvp"), jnp.bfloat16),
 }
 """name -> (method, compute dtype of the meta step's losses or None)."""
 
