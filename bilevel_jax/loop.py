@@ -274,6 +274,7 @@ class BilevelStep:
     axis_name: str | None = None
     sync: str = "mean"
     on_nonfinite: str = "skip"
+    loss_reduction: str | None = None
     # the identically-zero-hypergradient warning is given once per step object
     _zero_once: _nonfinite._Once = dataclasses.field(
         default_factory=_nonfinite._Once, init=False, repr=False, compare=False
@@ -290,6 +291,7 @@ class BilevelStep:
                 f"sync='full_batch' is implemented for SAMA-type methods (sama, sama_na, darts); "
                 f"{self.method.name} supports the default sync='mean' (mean of per-device estimates)"
             )
+        _check_loss_reduction(self.sync, self.loss_reduction)
         _nonfinite.check_mode(self.on_nonfinite, "bilevel_step")
 
     # -- the data-parallel pieces (no-ops without axis_name; docs/parallel.md) ------------------
@@ -603,6 +605,22 @@ class BilevelStep:
         return state._replace(rng=rng), metrics
 
 
+def _check_loss_reduction(sync: str, loss_reduction: str | None) -> None:
+    """``sync="full_batch"`` needs the losses declared as batch means (docs/parallel.md)."""
+    if loss_reduction not in (None, "mean"):
+        raise ValueError(f"loss_reduction must be None or 'mean', got {loss_reduction!r}")
+    if sync == "full_batch" and loss_reduction != "mean":
+        raise ValueError(
+            "sync='full_batch' reproduces the single-device full-batch step only when both "
+            "losses are means over the batch (per-example terms averaged, plus terms that do not "
+            "depend on the batch): then the full-batch loss is the mean of equal shards' losses. "
+            "bilevel_jax cannot check this; declare it with loss_reduction='mean'. A ratio such as "
+            "sum(w * l) / sum(w) is not such a loss (the mean of per-shard ratios is not the "
+            "full-batch ratio): use sync='mean' (the mean of per-device estimates) or write the "
+            "loss as a mean over examples (docs/parallel.md)"
+        )
+
+
 def bilevel_step(
     base_loss: Callable,
     meta_loss: Callable,
@@ -618,6 +636,7 @@ def bilevel_step(
     sync: str = "mean",
     on_nonfinite: str = "skip",
     base_step_along_v: bool | None = None,
+    loss_reduction: str | None = None,
 ) -> BilevelStep:
     r"""Build the pure, jit-able bilevel step (see the module docstring).
 
@@ -642,7 +661,12 @@ def bilevel_step(
         (one all-reduce; the SAMA paper's and Betty's semantics). ``"full_batch"``
         (methods with ``supports_exact_sync``: SAMA-type): d and the fresh adaptation
         gradient are averaged first, so the result equals the single-device full-batch one
-        (two to three all-reduces). ``"exact"`` is its deprecated name.
+        (two to three all-reduces) **when both losses are means over the batch**, which it
+        needs declared by ``loss_reduction="mean"``. ``"exact"`` is its deprecated name.
+      loss_reduction: ``"mean"`` declares that each loss's value on a batch is the mean of
+        per-example terms plus terms that do not depend on the batch, so the full-batch loss
+        is the mean of the losses of equal shards. Required by ``sync="full_batch"``; a ratio
+        such as ``Σ w ℓ / Σ w`` is not such a loss (``docs/parallel.md``).
       on_nonfinite: a non-finite base or meta step is always skipped and counted
         (``skipped_base`` / ``skipped_meta``); ``"skip"`` (default) does only that,
         ``"warn"`` also warns (``RuntimeWarning``), ``"raise"`` raises ``FloatingPointError``.
@@ -687,6 +711,7 @@ def bilevel_step(
         axis_name=axis_name,
         sync=sync,
         on_nonfinite=on_nonfinite,
+        loss_reduction=loss_reduction,
     )
 
 

@@ -95,7 +95,9 @@ def main():
 
     # sync="full_batch": d and the fresh adaptation gradient are averaged first -> full-batch result
     exact_method = bj.sama(0.1, step_along_v=True)
-    step_exact = bj.bilevel_step(base_loss, meta_loss, btx, mtx, exact_method, sync="full_batch")
+    step_exact = bj.bilevel_step(
+        base_loss, meta_loss, btx, mtx, exact_method, sync="full_batch", loss_reduction="mean"
+    )
     dp_exact = jax.jit(data_parallel(step_exact, mesh))
     out_e, _ = dp_exact(state, (xs, ys), meta)
     ref_e, _ = jax.jit(step_exact)(state, (xs, ys), meta)  # one device, full batches
@@ -128,7 +130,16 @@ def main():
     def smeta(th, lam, batch, ms):
         return meta_loss(th, lam, batch) + 0.1 * jnp.sum(ms["mu"] * th["w"])
 
-    sstep = bj.bilevel_step(sbase, smeta, btx, mtx, bj.sama(0.1), stateful=True, sync="full_batch")
+    sstep = bj.bilevel_step(
+        sbase,
+        smeta,
+        btx,
+        mtx,
+        bj.sama(0.1),
+        stateful=True,
+        sync="full_batch",
+        loss_reduction="mean",
+    )
     sstate = sstep.init(th0, lam0, model_state={"mu": jnp.zeros(F)})
     s_dp, _ = jax.jit(data_parallel(sstep, mesh))(sstate, (xs, ys), meta)
     s_ref, _ = jax.jit(sstep)(sstate, (xs, ys), meta)

@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import optax
 import pytest
@@ -95,7 +96,15 @@ def test_exact_sync_equals_single_device_full_batch(report):
 def test_exact_sync_is_refused_for_methods_without_it_and_bad_sync_values():
     loss = lambda th, lam, b: 0.0  # noqa: E731
     with pytest.raises(ValueError, match="sync='full_batch' is implemented for SAMA-type"):
-        bj.bilevel_step(loss, loss, optax.sgd(0.1), optax.sgd(0.1), bj.cg(3), sync="full_batch")
+        bj.bilevel_step(
+            loss,
+            loss,
+            optax.sgd(0.1),
+            optax.sgd(0.1),
+            bj.cg(3),
+            sync="full_batch",
+            loss_reduction="mean",
+        )
     with pytest.raises(ValueError, match="sync must be"):
         bj.bilevel_step(loss, loss, optax.sgd(0.1), optax.sgd(0.1), sync="sometimes")
 
@@ -103,7 +112,9 @@ def test_exact_sync_is_refused_for_methods_without_it_and_bad_sync_values():
 def test_sync_exact_is_the_deprecated_name_of_full_batch():
     loss = lambda th, lam, b: 0.0  # noqa: E731
     with pytest.warns(DeprecationWarning, match='use sync="full_batch"'):
-        step = bj.bilevel_step(loss, loss, optax.sgd(0.1), optax.sgd(0.1), sync="exact")
+        step = bj.bilevel_step(
+            loss, loss, optax.sgd(0.1), optax.sgd(0.1), sync="exact", loss_reduction="mean"
+        )
     assert step.sync == "full_batch"
     with pytest.warns(DeprecationWarning, match='use sync="full_batch"'):
         direct = bj.BilevelStep(
@@ -112,6 +123,7 @@ def test_sync_exact_is_the_deprecated_name_of_full_batch():
             base_tx=optax.sgd(0.1),
             meta_tx=optax.sgd(0.1),
             sync="exact",
+            loss_reduction="mean",
         )
     assert direct.sync == "full_batch"
 
@@ -219,3 +231,30 @@ def test_krylov_iterations_inside_shard_map_equal_jax_scipy(solver):
     full = jnp.linalg.solve(a, jnp.concatenate([b["u"], b["v"]]))
     if solver != "solve_dense":  # the iterations are truncated: not yet the solution
         assert float(jnp.max(jnp.abs(jnp.concatenate([ref["u"], ref["v"]]) - full))) > 1e-4
+
+
+def test_full_batch_sync_needs_the_losses_declared_as_batch_means():
+    """Issue 12 item 4: sync="full_batch" was silently off by 0.14 for a Σwℓ/Σw loss (the
+    mean of per-shard ratios is not the full-batch ratio); it now needs loss_reduction="mean"."""
+    loss = lambda th, lam, b: 0.0  # noqa: E731
+    for spelling in ("full_batch", "exact"):
+        with (
+            pytest.raises(ValueError, match="declare it with loss_reduction='mean'"),
+            warnings.catch_warnings(),
+        ):
+            warnings.simplefilter("ignore", DeprecationWarning)
+            bj.bilevel_step(loss, loss, optax.sgd(0.1), optax.sgd(0.1), sync=spelling)
+    with pytest.raises(ValueError, match="loss_reduction must be None or 'mean'"):
+        bj.bilevel_step(loss, loss, optax.sgd(0.1), optax.sgd(0.1), loss_reduction="sum")
+    step = bj.bilevel_step(
+        loss, loss, optax.sgd(0.1), optax.sgd(0.1), sync="full_batch", loss_reduction="mean"
+    )
+    assert step.sync == "full_batch" and step.loss_reduction == "mean"
+
+
+def test_full_batch_sync_is_exact_for_mean_losses_and_not_for_a_ratio(closure_report):
+    """Why the declaration: with a mean loss the data-parallel step equals the single-device
+    full-batch one; with Σwℓ/Σw (declared as a mean, wrongly) it does not."""
+    r = closure_report["full_batch"]
+    assert r["mean_err"] <= 1e-10 * r["scale"], r
+    assert r["ratio_err"] > 1e-3 * r["scale"], r
