@@ -38,9 +38,13 @@ Single process only: the checksum reads every leaf on the host.
 from __future__ import annotations
 
 import collections
+import glob
 import hashlib
 import json
 import os
+import shutil
+import threading
+import time
 import warnings
 from typing import Any, NamedTuple
 
@@ -345,20 +349,46 @@ class Checkpointer:
         for s in known_bad:
             self._rejected.pop(s, None)
 
-        saved = self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
-            ),
-            force=True,
-        )
-        self._manager.wait_until_finished()
+        before = set(threading.enumerate())
+        try:
+            saved = self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
+                ),
+                force=True,
+            )
+            self._manager.wait_until_finished()
+        except KeyboardInterrupt:
+            self._abandon(step, before)
+            raise
         if not saved:  # pragma: no cover - orbax refused (read-only directory, ...)
             raise RuntimeError(
                 f"bilevel_jax.checkpoint: orbax did not save step {step} in {self.directory}"
             )
 
     # ------------------------------------------------------------------ restore
+    def _abandon(self, step: int, before: set) -> None:
+        """Clean up after a ``KeyboardInterrupt`` inside orbax's save of ``step``.
+
+        orbax writes the items in threads the saving thread joins; the interrupt stops the join,
+        not the writers. Wait for the threads the save started (a second save of the same step
+        would otherwise race them in the same temporary directory: the ``manifest.ocdbt.__lock``
+        / zarr ``NOT_FOUND`` errors), then delete the uncommitted ``<step>.orbax-checkpoint-tmp*``
+        directory and re-read the directory, so the step can be saved again (fit's interrupt
+        checkpoint) and nothing stale is left. A step that was committed before the interrupt
+        stays.
+        """
+        deadline = time.monotonic() + 120.0
+        for t in set(threading.enumerate()) - before:
+            # orbax's item writers (not idle pool workers, which live on and are not joined)
+            if t is threading.current_thread() or t.name.startswith("ThreadPoolExecutor"):
+                continue
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        for path in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
+            shutil.rmtree(path, ignore_errors=True)
+        self._manager.reload()
+
     def restore(self, template: PyTree, step: int | None = None) -> Restored:
         """Restore a checkpoint into the structure, dtypes and shapes of ``template``.
 

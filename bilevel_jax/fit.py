@@ -337,7 +337,14 @@ class _Run:
             return
         self.flush(keep=0, check=check)  # the log holds every step the checkpoint holds
         extra = {"data_position": pos, "meta_steps": pos, "base_steps": int(self.state.base_steps)}
-        self.checkpointer.save(pos, self.state, extra)
+        try:
+            self.checkpointer.save(pos, self.state, extra)
+        except KeyboardInterrupt:
+            # the save was abandoned (Checkpointer cleans up) unless it had committed; the
+            # interrupt checkpoint then writes this step again only when it is not on disk
+            if self.checkpointer.latest_step() == pos:
+                self.last_saved = pos
+            raise
         self.last_saved = pos
 
     def interrupted(self) -> None:
