@@ -404,7 +404,7 @@ def test_sigkill_during_fit_then_resume_is_bit_identical(tmp_path):
             env=env,
             capture_output=True,
             text=True,
-            timeout=180,
+            timeout=600,
         )
 
     ref = run(tmp_path / "ref", tmp_path / "ref.npz")
