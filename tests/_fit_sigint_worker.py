@@ -34,6 +34,9 @@ N_LAM, F, K, BATCH, SAVE_AT, DELAY_S, SLOW_WRITE_S = 1_000_000, 6, 2, 16, 4, 0.5
 
 
 def main() -> None:
+    # Ctrl-C as in a terminal: a process started with SIGINT ignored (e.g. under a pytest-xdist
+    # worker, whose children inherit the ignored disposition) would never see the signal
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     directory = sys.argv[1]
     rng = np.random.RandomState(0)
     x = jnp.asarray(rng.randn(BATCH * 8, F), jnp.float32)
