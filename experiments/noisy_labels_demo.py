@@ -323,7 +323,8 @@ def run(
         "mwn_probe_losses": list(PROBE_LOSSES),
         "mwn_curve": sama_probes,
         "sama_final_meta_loss": history[-1]["meta_loss"] if history else float("nan"),
-        "metrics_jsonl": None if log_path is None else str(log_path),
+        # the log sits beside the result JSON: its name, not this machine's absolute path
+        "metrics_jsonl": None if log_path is None else pathlib.Path(log_path).name,
         "plain_s": t_plain,
         "sama_s": t_sama,
         "wall_s": time.perf_counter() - t0,
