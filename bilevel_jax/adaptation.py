@@ -34,6 +34,8 @@ transform                          ∂out/∂in
 ``scale_by_param_block_rms``       ``max(rms(θ), min_scale)``
 ``scale_by_factored_rms``          ``jax.vjp`` of a copy of optax's update with an
                                    overflow-free derivative of ``ν^{-1/2}``
+``contrib.scale_by_muon``          ``jax.vjp`` of optax's update; at a zero matrix
+                                   the limit ``k·∂μ̂/∂g`` (see :func:`_muon_rule`)
 ================================  =============================================
 
 Wrappers are walked to their inner transforms:
@@ -50,7 +52,8 @@ Wrappers are walked to their inner transforms:
 
 At a leaf with zero gradient and zero second moment (an unused head, an embedding
 row no batch has reached) these rules take the limit, where autodiff of ``√ν`` at
-``ν = 0`` gives NaN (and every SAMA meta step would be skipped).
+``ν = 0`` (or of muon's ``‖μ̂‖`` at a zero matrix) gives NaN (and every SAMA meta step
+would be skipped).
 
 How a rule is found: optax builds transforms as closures, so this module
 recognises optax's own update functions (by qualified name) and reads their
@@ -144,12 +147,13 @@ class _Rule(_Node):
     """A closed-form rule: ``rule(g, state, params, w) -> Jᵀw``."""
 
     rule: Callable = None  # type: ignore[assignment] - always given
+    how: str = "closed form"
 
     def vjp(self, g, state, params, w):
         return self.rule(g, state, params, w)
 
     def describe(self, state) -> str:
-        return f"{self.name}: closed form"
+        return f"{self.name}: {self.how}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -738,6 +742,69 @@ def _factored_rms_rule(cells):
     return rule
 
 
+def _muon_slope_at_zero(cells, ns_coeffs, dtype):
+    """Slope ``k`` of muon's orthogonalisation at a zero matrix, where it is ``k·X + O(‖X‖²)``.
+
+    Each Newton–Schulz step ``c₀X + c₁(XXᵀ)X + c₂(XXᵀ)²X`` has slope ``c₀`` at 0; the
+    preconditioning ``X/(‖X‖+ε)`` ('frobenius', 'spectral') has slope ``1/ε``; the
+    Schatten-4 first step rescales by ``1/√ε₄`` (ε₄ the clip of that step, 1e-8 in optax);
+    AOL needs no limit (autodiff is finite there). ``adaptive=True`` multiplies by
+    ``⟨μ̂, O(μ̂)⟩``, which is quadratic, so the slope is 0.
+    """
+    from optax.contrib import _muon  # the private helpers scale_by_muon calls
+
+    coeffs = jnp.asarray(ns_coeffs, dtype)
+    if coeffs.ndim == 1:
+        gain = coeffs[0] ** jnp.asarray(cells["ns_steps"], dtype)
+    else:
+        gain = jnp.prod(coeffs[:, 0])
+    pre = cells["preconditioning"]
+    if pre in ("frobenius", "spectral"):
+        gain = gain / cells["eps"]
+    elif pre == "schatten":
+        import inspect
+
+        eps4 = inspect.signature(_muon._schatten_first_newton_schulz_iteration).parameters["eps"]
+        gain = gain / jnp.sqrt(jnp.asarray(eps4.default, dtype))
+    return jnp.zeros((), dtype) if cells["adaptive"] else gain
+
+
+_MUON_HOW = "jax.vjp, closed-form limit at a zero matrix"
+
+
+def _muon_rule(cells, update_fn):
+    r"""Jacobian of ``optax.contrib.scale_by_muon`` (Newton–Schulz orthogonalised momentum).
+
+    ``jax.vjp`` of optax's own update, except on a matrix whose bias-corrected momentum
+    ``μ̂`` is exactly zero (an unused weight matrix): there autodiff differentiates
+    ``‖μ̂‖`` at 0 and gives NaN, while the update is ``k·μ̂ + O(‖μ̂‖²)`` with ``k`` from
+    :func:`_muon_slope_at_zero`, so the Jacobian is ``k·∂μ̂/∂g·I`` with
+    ``∂μ̂/∂g = (1−β)/(1−βᶜ)``, plus ``β(1−β)/(1−βᶜ⁺¹)`` with Nesterov (``c`` the new count).
+    """
+    beta, nesterov = cells["beta"], cells["nesterov"]
+
+    def rule(g, state, params, w):
+        out, pullback = jax.vjp(lambda x: update_fn(x, state, params)[0], g)
+        vjp = pullback(jax.tree.map(lambda wi, oi: jnp.asarray(wi, oi.dtype), w, out))[0]
+        c = optax.safe_increment(state.count)
+
+        def leaf(gi, mi, vi, wi):
+            dtype = vi.dtype
+            mu = beta * mi + (1 - beta) * gi
+            mu_hat = mu / (1 - beta**c)
+            dmu = (1 - beta) / (1 - beta**c)
+            if nesterov:
+                mu_hat = beta * mu / (1 - beta ** (c + 1)) + (1 - beta) * gi / (1 - beta**c)
+                dmu = dmu + beta * (1 - beta) / (1 - beta ** (c + 1))
+            k = (dmu * _muon_slope_at_zero(cells, state.ns_coeffs, dtype)).astype(dtype)
+            limit = (k * wi).astype(dtype)
+            return jnp.where((mu_hat == 0) & ~jnp.isfinite(vi), limit, vi)
+
+        return jax.tree.map(leaf, g, state.mu, vjp, w)
+
+    return rule
+
+
 # qualified name of optax's update closure -> (rule factory, closure variables it reads)
 _RULES: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "scale": (_scale_rule, ("step_size",)),
@@ -753,6 +820,10 @@ _RULES: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "clip_by_block_rms": (_block_rms_rule, ("threshold",)),
     "scale_by_novograd": (_novograd_rule, ("update_nu", "init_mu")),
     "scale_by_param_block_rms": (_param_block_rms_rule, ("min_scale",)),
+    "scale_by_muon": (
+        _muon_rule,
+        ("beta", "eps", "nesterov", "ns_steps", "preconditioning", "adaptive"),
+    ),
     "scale_by_factored_rms": (
         _factored_rms_rule,
         (
@@ -843,6 +914,8 @@ def _parse(update_fn) -> _Node:
     if name in _RULES:
         factory, needed = _RULES[name]
         if set(needed) <= cells.keys():
+            if factory is _muon_rule:  # autodiff of optax's own update, with a limit at 0
+                return _Rule(name, update_fn, rule=_muon_rule(cells, update_fn), how=_MUON_HOW)
             return _Rule(name, update_fn, rule=factory(cells))
     return _Fallback(name, update_fn)
 

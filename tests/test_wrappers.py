@@ -66,6 +66,15 @@ def test_item1_zero_gradient_leaf_no_skipped_meta_steps(name):
     assert np.all(np.isfinite(lam)) and np.any(lam != 0)
 
 
+def test_item1_muon_zero_gradient_matrix_no_skipped_meta_steps():
+    # Before: muon's Newton-Schulz step divides by ‖μ̂‖; autodiff of the norm at a zero
+    # matrix gave NaN, so with an unused weight matrix every meta step was skipped.
+    st = _run(optax.contrib.muon(1e-2), {"w": jnp.zeros(4), "unused": jnp.zeros((3, 2))})
+    assert int(st.skipped_meta) == 0
+    assert np.all(np.isfinite(np.asarray(st.meta_params)))
+    assert np.any(np.asarray(st.meta_params) != 0)
+
+
 def test_item2_multisteps_fresh_hypergradient_is_not_zero():
     # Before: the fresh update lands on a non-boundary mini-step, v = 0, λ stays 0.
     st = _run(optax.MultiSteps(optax.adam(1e-2), 4), THETA, steps=3)
@@ -310,6 +319,43 @@ def test_lookahead_zero_gradient_limit(x64):
     _close(_adapt(tx, d, g, s, p).fast["c"], 0.4 * LR / EPS * (df["c"] + ds["c"]))
 
 
+MUON_CASES = [
+    (pre, adaptive, nesterov, coeffs)
+    for pre in ("frobenius", "spectral", "aol", "schatten")
+    for adaptive in (False, True)
+    for nesterov, coeffs in ((True, None), (False, ((3.0, -3.2, 1.2), (2.0, -1.5, 0.5))))
+]
+
+
+@pytest.mark.parametrize(("pre", "adaptive", "nesterov", "coeffs"), MUON_CASES)
+def test_muon_zero_matrix_equals_central_difference(x64, pre, adaptive, nesterov, coeffs):
+    # Oracle: (u(hw) − u(−hw))/2h at h = 1e-18. Muon is k·μ̂ + O(‖μ̂‖²/ε) near 0, so the
+    # difference is exact up to ~h‖w‖/ε = 1e-10 relative (ε = 1e-8); autodiff gives NaN.
+    kw = {} if coeffs is None else {"ns_coeffs": coeffs}
+    tx = optax.contrib.scale_by_muon(
+        preconditioning=pre, adaptive=adaptive, nesterov=nesterov, **kw
+    )
+    p = jnp.zeros((3, 4))
+    s = tx.update(jnp.zeros_like(p), tx.init(p), p)[1]  # count 1, μ = 0
+    w = jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype)
+    v = _adapt(tx, -w, jnp.zeros_like(p), s, p)  # J_Δᵀ w
+    h = 1e-18
+    up, um = (jnp.asarray(tx.update(x, s, p)[0]) for x in (h * w, -h * w))
+    fd = (up - um) / (2 * h)
+    if adaptive:  # ⟨μ̂, O(μ̂)⟩O(μ̂) is cubic at 0: slope 0 (fd sees only the cubic rest)
+        np.testing.assert_array_equal(v, 0.0)
+        assert float(jnp.max(jnp.abs(fd))) < 1e-6
+    else:
+        np.testing.assert_allclose(v, fd, rtol=1e-8)
+
+
+def test_muon_nonzero_matrix_is_vjp_of_real_update(x64):
+    tx = optax.contrib.scale_by_muon()
+    p, g = jnp.ones((3, 4)), _tree(1, jnp.ones((3, 4)))
+    s, d = _state(tx, p, 2), _tree(2, p)
+    _close(_adapt(tx, d, g, s, p), _vjp(lambda x, s, p: tx.update(x, s, p)[0], g, d, s, p))
+
+
 # --------------------------------------------------------------------------- describe
 
 
@@ -336,6 +382,10 @@ def test_lookahead_zero_gradient_limit(x64):
         (
             lambda: optax.contrib.schedule_free_sgd(1.0),
             "schedule_free(chain(identity: closed form, scale: closed form))",
+        ),
+        (
+            lambda: optax.contrib.scale_by_muon(),
+            "scale_by_muon: jax.vjp, closed-form limit at a zero matrix",
         ),
         (
             lambda: optax.novograd(1.0),
