@@ -284,11 +284,12 @@ def provenance(argv: Sequence[str], study: str, *, device: bool = True) -> dict[
     """What produced a result: code, packages, device and command.
 
     ``git_commit`` is the checkout's HEAD, ``git_dirty`` whether any tracked or untracked file
-    differs from it, ``library_dirty`` whether ``bilevel_jax/`` does. ``device`` (unless
+    outside ``experiments/results/`` differs from it (results written by an earlier study of the
+    same checkout do not make the code dirty), ``library_dirty`` whether ``bilevel_jax/`` does. ``device`` (unless
     ``device=False``) describes JAX's default device. The data files read are added by
     :meth:`Run.data`.
     """
-    status = _git("status", "--porcelain")
+    status = _git("status", "--porcelain", "--", ".", ":(exclude)experiments/results")
     lib_status = _git("status", "--porcelain", "--", "bilevel_jax")
     out: dict[str, Any] = {
         "git_commit": _git("rev-parse", "HEAD"),

@@ -80,7 +80,7 @@ CLI = harness.StudyCLI(
     "sama_alpha",
     __doc__,
     quick=f"α 0.1 and 1.0, {QUICK_META_STEPS} meta steps, seed 0 (smoke test)",
-    seeds="seeds of the main job (default 0 1 2 3 4; quick: 0)",
+    seeds="seeds of the main job (default 0 1 ... 9; quick: 0)",
     base_steps=f"base steps of each run (default {demo.Config.base_steps}); a multiple of "
     f"{demo.Config.meta_interval}",
     meta_steps=f"meta steps of each SAMA run (default "
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Command line: every α × seed of the main job (module docstring)."""
     args = CLI.parse(argv)
     run_ = harness.Run(args)
-    seeds = CLI.seeds(args, default=(0, 1, 2, 3, 4))
+    seeds = CLI.seeds(args, default=tuple(range(10)))
     alphas = list(args.alphas or ((0.1, 1.0) if args.quick else ALPHAS))
     if any(not a > 0 for a in alphas):
         CLI.error(f"--alphas must be positive, got {alphas}")

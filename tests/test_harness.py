@@ -94,6 +94,22 @@ def test_provenance_records_the_checkout():
     assert "device" not in prov and prov["data_files"] == []
 
 
+def test_git_dirty_ignores_results_of_earlier_studies(tmp_path, monkeypatch):
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    monkeypatch.setattr(harness, "ROOT", tmp_path)
+    (tmp_path / "experiments" / "results").mkdir(parents=True)
+    (tmp_path / "experiments" / "results" / "a.json").write_text("{}")
+    assert harness.provenance([], "toy", device=False)["git_dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert harness.provenance([], "toy", device=False)["git_dirty"] is True
+
+
 def test_to_json_records_settings_from_the_objects():
     tx = harness.Recipe(optax.adam, 1e-3, eps_root=1e-8)
     out = harness.to_json({"method": bj.cg(7), "tx": tx, "steps": (1, 2)})

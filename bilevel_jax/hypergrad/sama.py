@@ -62,7 +62,7 @@ def sama_hypergrad(
     base_opt_state: optax.OptState,
     base_batch: PyTree,
     meta_batch: PyTree,
-    alpha: float = 1.0,
+    alpha: float = 0.1,
     adapt: bool = True,
     adapt_from: Literal["fresh", "last"] = "fresh",
     last_grad: PyTree | None = None,
@@ -86,8 +86,9 @@ def sama_hypergrad(
       base_opt_state: ``base_tx``'s state at θ.
       base_batch: the last base batch B (the central difference is taken on it).
       meta_batch: the meta batch B'.
-      alpha: α in ε = α/‖v‖ (paper default 1.0; smaller is more exact but more
-        sensitive to round-off).
+      alpha: α in ε = α/‖v‖, the length of the perturbation of θ (default 0.1, chosen on
+        the main job, ``experiments/README.md``, "SAMA's radius α": the earlier default 1.0 lost
+        seeds there).
       adapt: False gives SAMA-NA (v = d, no adaptation).
       adapt_from: ``"fresh"``: the Jacobian is taken at ``∇_θ L_b(θ, λ; B)`` and
         ``base_opt_state`` (one extra backward); ``"last"``: at ``last_grad`` and
@@ -214,7 +215,7 @@ class SAMA(MethodBase):
       'data'
     """
 
-    alpha: float = 1.0
+    alpha: float = 0.1
     adapt: bool = True
     adapt_from: Literal["fresh", "last"] = "fresh"
     difference: Literal["vmap", "sequential", "jvp"] = "sequential"
@@ -290,7 +291,7 @@ def _step_along_v(step_along_v: bool, base_step: bool | None) -> bool:
 
 
 def sama(
-    alpha: float = 1.0,
+    alpha: float = 0.1,
     *,
     adapt_from: Literal["fresh", "last"] = "fresh",
     difference: Literal["vmap", "sequential", "jvp"] = "sequential",
@@ -324,7 +325,7 @@ def sama(
 
 
 def sama_na(
-    alpha: float = 1.0,
+    alpha: float = 0.1,
     *,
     difference: Literal["vmap", "sequential", "jvp"] = "sequential",
     step_along_v: bool = False,
