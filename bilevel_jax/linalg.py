@@ -25,6 +25,7 @@ hypergradient methods and :func:`bilevel_jax.custom_root` never differentiate th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -207,6 +208,16 @@ def _damped(matvec: Matvec, damping: float) -> Matvec:
     return lambda x: jax.tree.map(lambda a, b: a + damping * b, matvec(x), x)
 
 
+def _krylov(manual: Callable, library: Callable, matvec, b, x0, damping, **kw) -> PyTree:
+    """Solve ``(A + δI) x = b`` with ``manual`` inside ``shard_map`` (see :func:`_manual`),
+    else with ``jax.scipy.sparse.linalg``'s ``library``."""
+    a = _damped(matvec, damping)
+    if _manual():
+        x0 = jax.tree.map(jnp.zeros_like, b) if x0 is None else x0
+        return manual(a, b, x0, **kw)
+    return library(a, b, x0=x0, **kw)[0]
+
+
 def solve_cg(
     matvec: Matvec,
     b: PyTree,
@@ -223,10 +234,7 @@ def solve_cg(
       >>> print(solve_cg(lambda x: A @ x, jnp.array([1.0, 2.0])).round(4))
       [0.0909 0.6364]
     """
-    if _manual():
-        x0 = jax.tree.map(jnp.zeros_like, b) if x0 is None else x0
-        return _cg_manual(_damped(matvec, damping), b, x0, maxiter=maxiter, tol=tol)
-    return sparse_linalg.cg(_damped(matvec, damping), b, x0=x0, tol=tol, maxiter=maxiter)[0]
+    return _krylov(_cg_manual, sparse_linalg.cg, matvec, b, x0, damping, maxiter=maxiter, tol=tol)
 
 
 def solve_gmres(
@@ -246,19 +254,10 @@ def solve_gmres(
       >>> print(solve_gmres(lambda x: A @ x, jnp.array([3.0, 3.0])).round(4))
       [1. 1.]
     """
-    if _manual():
-        x0 = jax.tree.map(jnp.zeros_like, b) if x0 is None else x0
-        a = _damped(matvec, damping)
-        return _gmres_manual(a, b, x0, maxiter=maxiter, tol=tol, restart=restart)
-    return sparse_linalg.gmres(
-        _damped(matvec, damping),
-        b,
-        x0=x0,
-        tol=tol,
-        maxiter=maxiter,
-        restart=restart,
-        solve_method="batched",
-    )[0]
+    library = functools.partial(sparse_linalg.gmres, solve_method="batched")
+    return _krylov(
+        _gmres_manual, library, matvec, b, x0, damping, maxiter=maxiter, tol=tol, restart=restart
+    )
 
 
 def solve_bicgstab(
@@ -277,10 +276,9 @@ def solve_bicgstab(
       >>> print(solve_bicgstab(lambda x: A @ x, jnp.array([3.0, 3.0])).round(4))
       [1. 1.]
     """
-    if _manual():
-        x0 = jax.tree.map(jnp.zeros_like, b) if x0 is None else x0
-        return _bicgstab_manual(_damped(matvec, damping), b, x0, maxiter=maxiter, tol=tol)
-    return sparse_linalg.bicgstab(_damped(matvec, damping), b, x0=x0, tol=tol, maxiter=maxiter)[0]
+    return _krylov(
+        _bicgstab_manual, sparse_linalg.bicgstab, matvec, b, x0, damping, maxiter=maxiter, tol=tol
+    )
 
 
 def solve_neumann(
