@@ -17,8 +17,8 @@ The namespace, one name per thing:
   solver (``custom_root``, ``custom_fixed_point``) and the adaptation rules (``adapt``,
   ``describe``);
 - submodules: ``hypergrad``, ``adaptation``, ``implicit_diff``, ``linalg``, ``parallel``,
-  ``distributed``, ``nnx`` (Flax NNX helpers) and ``checkpoint`` (orbax; imported on first
-  use, so ``import bilevel_jax`` does not import orbax).
+  ``distributed``, ``selection`` (online data selection), ``nnx`` (Flax NNX helpers) and
+  ``checkpoint`` (orbax; imported on first use, so ``import bilevel_jax`` does not import orbax).
 
 Example:
   >>> import bilevel_jax as bj
@@ -31,7 +31,16 @@ Example:
 import importlib as _importlib
 import warnings as _warnings
 
-from bilevel_jax import adaptation, distributed, hypergrad, implicit_diff, linalg, nnx, parallel
+from bilevel_jax import (
+    adaptation,
+    distributed,
+    hypergrad,
+    implicit_diff,
+    linalg,
+    nnx,
+    parallel,
+    selection,
+)
 from bilevel_jax._checks import BilevelInputError
 from bilevel_jax._nonfinite import nonfinite_errors
 from bilevel_jax.adaptation import AdaptationError, UnsupportedTransformError, adapt, describe
@@ -65,6 +74,7 @@ from bilevel_jax.loop import (
     check_skips,
     init_bilevel_state,
 )
+from bilevel_jax.selection import Selection
 from bilevel_jax.transform import MetaGradState, meta_grad
 
 __version__ = "0.1.0"
@@ -105,6 +115,7 @@ __all__ = [
     "HypergradMethod",
     "MetaGradState",
     "SAMA",
+    "Selection",
     "TooManySkipsError",
     "UnsupportedTransformError",
     "adapt",
@@ -135,6 +146,7 @@ __all__ = [
     "sama",
     "sama_hypergrad",
     "sama_na",
+    "selection",
     "set_hyperparams",
     "soba",
 ]

@@ -37,6 +37,15 @@ the base steps, and the meta step sees it as a constant.
 **RNG.** With ``use_rng=True`` the losses also receive ``rng=`` (a fresh key per base
 step, and one for the meta step) split from ``state.rng``.
 
+**Online data selection** (``selection=``, ``train_loss=``; :mod:`bilevel_jax.selection`,
+Grangier et al. 2023). Each base batch is a *big* batch; each base step scores it with
+``selection.score_fn(λ, big)`` under ``stop_gradient``, keeps ``k`` examples (top-k, sampled
+∝ softmax without replacement, or uniform) and steps θ on the λ-free ``train_loss`` of the
+kept examples. The meta step's base loss is ``base_loss`` (the weighted loss) on the batch
+``selection.meta_batch`` picks from the last big batch. Everything stays inside the one
+compiled step; the random choices use keys split from ``state.rng``, so no state is added
+and resumed runs are deterministic. Without a selection the step is unchanged.
+
 **Data parallelism** (``axis_name``, set by :func:`bilevel_jax.parallel.data_parallel`;
 ``docs/parallel.md``).
 Each base step averages the gradient, the loss and — with ``stateful=True`` — the new model
@@ -75,6 +84,7 @@ from bilevel_jax.hypergrad.base import (
     all_finite,
 )
 from bilevel_jax.hypergrad.sama import sama
+from bilevel_jax.selection import Selection, gather
 
 __all__ = [
     "BilevelState",
@@ -166,9 +176,16 @@ class BasePhase(NamedTuple):
       last_batch: the last base batch (the meta step's base batch).
       last_grad: the last base step's gradient (SAMA's ``adapt_from="last"``).
       last_opt_state: the base optimizer state before the last base step.
+      selected: with a :class:`~bilevel_jax.selection.Selection`: the indices each base step
+        kept from its big batch, ``(K, k)`` int32 (per device under data parallelism); else None.
+      scores: with a selection: the scores of every big batch, ``(K, n)``; else None.
+
+    With a selection, ``last_batch`` is the meta step's base batch that
+    ``Selection.meta_batch`` chose from the last big batch, and ``last_grad`` the gradient of
+    ``train_loss`` on the last kept examples (the gradient the base optimizer saw).
 
     >>> BasePhase._fields
-    ('losses', 'finite', 'last_batch', 'last_grad', 'last_opt_state')
+    ('losses', 'finite', 'last_batch', 'last_grad', 'last_opt_state', 'selected', 'scores')
     """
 
     losses: jax.Array
@@ -176,6 +193,8 @@ class BasePhase(NamedTuple):
     last_batch: PyTree
     last_grad: PyTree
     last_opt_state: optax.OptState
+    selected: jax.Array | None = None
+    scores: jax.Array | None = None
 
 
 def _select(ok, new, old):
@@ -275,6 +294,8 @@ class BilevelStep:
     sync: str = "mean"
     on_nonfinite: str = "skip"
     loss_reduction: str | None = None
+    selection: Selection | None = None
+    train_loss: Callable | None = None
     # the identically-zero-hypergradient warning is given once per step object
     _zero_once: _nonfinite._Once = dataclasses.field(
         default_factory=_nonfinite._Once, init=False, repr=False, compare=False
@@ -293,6 +314,7 @@ class BilevelStep:
             )
         _check_loss_reduction(self.sync, self.loss_reduction)
         _nonfinite.check_mode(self.on_nonfinite, "bilevel_step")
+        _validate_selection(self.selection, self.train_loss)
 
     # -- the data-parallel pieces (no-ops without axis_name; docs/parallel.md) ------------------
     def _local(self, tree):
@@ -321,6 +343,25 @@ class BilevelStep:
             else:
                 out, new_state = self.base_loss(*args, **kw), model_state
             return jnp.asarray(out, jnp.promote_types(out.dtype, jnp.float32)), new_state
+
+        return loss
+
+    def _train(self, model_state, rng, dtype, valid):
+        """``train_loss`` (λ-free) in the ``(θ, λ, batch) -> (loss, model_state)`` form of
+        :meth:`_base`; its loss is NaN when ``valid`` is False (non-finite scores), so that
+        :func:`~bilevel_jax.base_step` skips the step (the gradient stays finite)."""
+
+        def loss(theta, lam, batch):
+            del lam  # the kept examples are trained on with uniform weights
+            theta, batch = _cast_floats((theta, batch), dtype)
+            kw = {"rng": self._key(rng)} if self.use_rng else {}
+            fn: Callable = self.train_loss  # type: ignore[assignment] - set with a selection
+            if self.stateful:
+                out, new_state = fn(theta, batch, model_state, **kw)
+            else:
+                out, new_state = fn(theta, batch, **kw), model_state
+            out = jnp.asarray(out, jnp.promote_types(out.dtype, jnp.float32))
+            return jnp.where(valid, out, jnp.nan), new_state
 
         return loss
 
@@ -392,6 +433,8 @@ class BilevelStep:
         )
         _checks.scalar_loss(base, "base_loss", theta, lam, first, tuple_hint=hint)
         _checks.scalar_loss(meta, "meta_loss", theta, lam, meta_batch)
+        if self.selection is not None:
+            self._check_selection(state, first)
         if not getattr(self.method, "hyperparams", None):  # else λ also reaches base_tx
             _checks.warn_unreached(
                 [lambda m: base(theta, m, first), lambda m: meta(theta, m, meta_batch)],
@@ -400,6 +443,43 @@ class BilevelStep:
                 stacklevel=5,
             )
         return k
+
+    def _check_selection(self, state: BilevelState, big: PyTree) -> None:
+        """Trace-time checks of the selection: scores of shape (n,), k within n, a scalar
+        λ-free ``train_loss`` on the kept examples."""
+        sel: Selection = self.selection  # type: ignore[assignment] - only called with one
+        try:
+            scores = jax.eval_shape(sel.scores, state.meta_params, big)
+            k = sel.keep_count(scores.shape[0])
+            sel.meta_count(scores.shape[0])
+        except (ValueError, TypeError) as e:
+            raise _checks.BilevelInputError(str(e)) from e
+        kept = jax.tree.map(lambda x: jax.ShapeDtypeStruct((k, *x.shape[1:]), x.dtype), big)
+        model_state = state.model_state
+        kw = {"rng": jax.random.PRNGKey(0)} if self.use_rng else {}
+        fn: Callable = self.train_loss  # type: ignore[assignment] - set with a selection
+
+        def train(theta, lam, batch):
+            del lam
+            if not self.stateful:
+                return fn(theta, batch, **kw)
+            out = fn(theta, batch, model_state, **kw)
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise _checks.BilevelInputError(
+                    "with stateful=True train_loss must return (loss, new_model_state); got "
+                    f"{type(out).__name__}"
+                )
+            return out[0]
+
+        _checks.scalar_loss(
+            train,
+            "train_loss",
+            state.base_params,
+            state.meta_params,
+            kept,
+            tuple_hint="train_loss(base_params, batch) returned a tuple: for (loss, "
+            "new_model_state) pass stateful=True to bilevel_step",
+        )
 
     def _user_losses(self, model_state):
         """The user's losses as ``(θ, λ, batch) -> loss`` with nothing cast (for the checks);
@@ -425,15 +505,17 @@ class BilevelStep:
 
         return base, meta
 
-    def _base_step(self, carry, meta_params, batch, key):
-        """One base step (:func:`bilevel_jax.base_step`), its model state kept only if finite."""
+    def _base_step(self, carry, meta_params, batch, key, make_loss=None):
+        """One base step (:func:`bilevel_jax.base_step`), its model state kept only if finite.
+
+        ``make_loss(model_state, key, dtype)`` builds the loss (default :meth:`_base`)."""
         theta, s, model_state = carry
         lam = self._local(meta_params)
         write = getattr(self.method, "write_hyperparams", None)  # optimizer hyperparameters in λ
         if write is not None:  # (bj.itd/dds(hyperparams=...)) also drive the base steps
             s = write(s, lam)
         r = base_step(
-            self._base(model_state, key, self.compute_dtype),
+            (self._base if make_loss is None else make_loss)(model_state, key, self.compute_dtype),
             self.base_tx,
             theta,
             s,
@@ -452,6 +534,58 @@ class BilevelStep:
         new_model_state = _keep_if(r.finite, r.aux, model_state)
         return (r.params, r.opt_state, new_model_state), (r.loss, r.finite), (r.grad, s)
 
+    def _selection_step(self, carry, meta_params, big, key):
+        """One base step with a selection: score the big batch, keep ``k`` examples by the rule
+        (no gradient through the choice), step θ on ``train_loss`` of the kept examples.
+        A big batch with a non-finite score is skipped like a non-finite loss."""
+        sel: Selection = self.selection  # type: ignore[assignment] - only called with one
+        loss_key, sel_key = jax.random.split(key)
+        lam, batch = _cast_floats((self._local(meta_params), big), self.compute_dtype)
+        scores = sel.scores(lam, batch)
+        idx = sel.choose(self._key(sel_key), scores)
+        valid = jnp.all(jnp.isfinite(scores))
+        carry, (loss, ok), last = self._base_step(
+            carry,
+            meta_params,
+            gather(big, idx),
+            loss_key,
+            make_loss=lambda ms, k, dt: self._train(ms, k, dt, valid),
+        )
+        return carry, (loss, ok, idx, scores), last
+
+    def _selection_phase(self, state: BilevelState, base_batches: PyTree):
+        """:meth:`base_phase` with a selection (the same K − 1 scanned steps + the last one)."""
+        sel: Selection = self.selection  # type: ignore[assignment] - only called with one
+        k = _leading_size(base_batches)
+        keys = jax.random.split(state.rng, k + 1)  # one per base step, one for the meta batch
+        lam = state.meta_params
+        batches = jax.tree.map(jnp.asarray, base_batches)
+        carry, outs = jax.lax.scan(
+            lambda c, i: self._selection_step(
+                c, lam, jax.tree.map(lambda x: x[i], batches), keys[i]
+            )[:2],
+            (state.base_params, state.base_opt_state, state.model_state),
+            jnp.arange(k - 1),
+        )
+        big = jax.tree.map(lambda x: x[-1], batches)
+        (theta, s, model_state), out_k, (last_g, last_s) = self._selection_step(
+            carry, lam, big, keys[k - 1]
+        )
+        losses, oks, selected, scores = jax.tree.map(
+            lambda a, b: jnp.concatenate([a, b[None]]), outs, out_k
+        )
+        n = scores.shape[1]
+        meta_idx = sel.meta_indices(self._key(keys[k]), n, selected[-1])
+        meta_base = big if meta_idx is None else gather(big, meta_idx)
+        new = state._replace(
+            base_params=theta,
+            base_opt_state=s,
+            model_state=model_state,
+            base_steps=state.base_steps + k,
+            skipped_base=state.skipped_base + jnp.sum(~oks, dtype=jnp.int32),
+        )
+        return new, BasePhase(losses, oks, meta_base, last_g, last_s, selected, scores)
+
     def base_phase(
         self, state: BilevelState, base_batches: PyTree
     ) -> tuple[BilevelState, BasePhase]:
@@ -461,6 +595,11 @@ class BilevelStep:
         ``skipped_base``; the base steps' keys (``use_rng=True``) are split from
         ``state.rng`` (``__call__`` passes a key split off for them).
 
+        With a ``selection`` each step scores its big batch, keeps ``k`` examples and steps θ
+        on ``train_loss`` of them (keys for the random rules are split from ``state.rng``
+        too); the returned :class:`BasePhase` then also holds the kept indices and the scores,
+        and its ``last_batch`` is the meta step's base batch (``Selection.meta_batch``).
+
         >>> import jax.numpy as jnp, optax, bilevel_jax as bj
         >>> step = bj.bilevel_step(lambda t, l, b: jnp.sum((t - b) ** 2),
         ...                        lambda t, l, b: jnp.sum(t**2), optax.sgd(0.25), optax.sgd(0.1))
@@ -468,6 +607,8 @@ class BilevelStep:
         >>> state.base_params, base.losses, int(state.base_steps)  # θ ← θ − 0.25 · 2 (θ − 1)
         (Array([0.75, 0.75], dtype=float32), Array([2. , 0.5], dtype=float32), 2)
         """
+        if self.selection is not None:
+            return self._selection_phase(state, base_batches)
         k = _leading_size(base_batches)
         keys = jax.random.split(state.rng, k)
         lam = state.meta_params
@@ -582,7 +723,11 @@ class BilevelStep:
     def __call__(
         self, state: BilevelState, base_batches: PyTree, meta_batch: PyTree
     ) -> tuple[BilevelState, dict]:
-        """K base steps then one meta step; returns the new state and scalar metrics."""
+        """K base steps then one meta step; returns the new state and scalar metrics.
+
+        With a ``selection`` the metrics also hold ``selected_score`` (the mean score of the
+        kept examples over the K steps) and ``score`` (the mean score of the big batches).
+        """
         self._check(state, base_batches, meta_batch)
         rng, base_rng, meta_rng = jax.random.split(state.rng, 3)
         state, base = self.base_phase(state._replace(rng=base_rng), base_batches)
@@ -602,6 +747,11 @@ class BilevelStep:
             "meta_skipped": (~hg.finite).astype(jnp.int32),
             **{k: jnp.asarray(v, jnp.float32) for k, v in hg.info.items()},
         }
+        if base.scores is not None and base.selected is not None:  # one tiny all-reduce (DP)
+            kept = jnp.take_along_axis(base.scores, base.selected, axis=1)
+            kept_mean, all_mean = self._mean((jnp.mean(kept), jnp.mean(base.scores)))
+            metrics["selected_score"] = jnp.asarray(kept_mean, jnp.float32)
+            metrics["score"] = jnp.asarray(all_mean, jnp.float32)
         return state._replace(rng=rng), metrics
 
 
@@ -621,6 +771,27 @@ def _check_loss_reduction(sync: str, loss_reduction: str | None) -> None:
         )
 
 
+def _validate_selection(selection: Selection | None, train_loss: Callable | None) -> None:
+    """A selection needs a λ-free ``train_loss`` and vice versa."""
+    if selection is None:
+        if train_loss is not None:
+            raise ValueError(
+                "train_loss is the λ-free loss of the examples a selection keeps; it needs "
+                "selection=bj.selection.Selection(...). Without a selection, base_loss trains θ."
+            )
+        return
+    if not isinstance(selection, Selection):
+        raise TypeError(
+            f"selection must be a bj.selection.Selection, got {type(selection).__name__}"
+        )
+    if train_loss is None or not callable(train_loss):
+        raise ValueError(
+            "a selection trains θ on the kept examples with train_loss(base_params, batch) "
+            "(uniform weights, no meta parameters); pass train_loss=... to bilevel_step. "
+            "base_loss (the weighted loss) is the meta step's base loss."
+        )
+
+
 def bilevel_step(
     base_loss: Callable,
     meta_loss: Callable,
@@ -637,6 +808,8 @@ def bilevel_step(
     on_nonfinite: str = "skip",
     base_step_along_v: bool | None = None,
     loss_reduction: str | None = None,
+    selection: Selection | None = None,
+    train_loss: Callable | None = None,
 ) -> BilevelStep:
     r"""Build the pure, jit-able bilevel step (see the module docstring).
 
@@ -672,6 +845,16 @@ def bilevel_step(
         ``"warn"`` also warns (``RuntimeWarning``), ``"raise"`` raises ``FloatingPointError``.
       base_step_along_v: deprecated: the method's ``step_along_v`` alone now decides
         (``True`` still checks that the method has it).
+      selection: online data selection (Grangier et al. 2023; :mod:`bilevel_jax.selection`):
+        each base batch is a *big* batch; every base step scores it with
+        ``selection.score_fn(λ, big)`` (no gradient), keeps ``k`` examples by
+        ``selection.rule`` and steps θ on ``train_loss`` of them. The meta step's base loss
+        is ``base_loss`` (e.g. the softmax-weighted loss) on the batch ``selection.meta_batch``
+        chooses from the last big batch. Under :func:`~bilevel_jax.parallel.data_parallel`
+        each device selects from its own shard. Default None: θ trains on ``base_loss``.
+      train_loss: with a selection: ``train_loss(θ, batch[, model_state][, rng=]) -> loss``
+        (``(loss, model_state)`` with ``stateful=True``), the λ-free loss of the kept
+        examples (uniform weights).
 
     Returns:
       A :class:`BilevelStep`: ``step(state, base_batches, meta_batch) -> (state, metrics)``
@@ -686,6 +869,23 @@ def bilevel_step(
     ...     state, metrics = jax.jit(step)(state, jnp.ones((4, 2)), jnp.ones(2))
     >>> int(state.base_steps), int(state.meta_steps), bool(metrics["meta_loss"] < 1.0)
     (12, 3, True)
+
+    With online data selection (Grangier et al. 2023): each base step keeps the 2 best-scored
+    of its 8 examples and trains θ on them with uniform weights; the meta step's base loss is
+    the softmax-weighted loss on those 2.
+
+    >>> score = lambda lam, x: x @ lam
+    >>> per_example = lambda th, x: (x @ th - 1.0) ** 2
+    >>> weighted = lambda th, lam, x: jnp.sum(
+    ...     bj.selection.softmax_weights(score(lam, x)) * per_example(th, x))
+    >>> step = bj.bilevel_step(weighted, lambda th, lam, x: jnp.mean(per_example(th, x)),
+    ...                        optax.sgd(0.1), optax.sgd(0.1), bj.sama(0.1),
+    ...                        selection=bj.Selection(score_fn=score, keep=2),
+    ...                        train_loss=lambda th, x: jnp.mean(per_example(th, x)))
+    >>> x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 3))  # K = 4 big batches of 8
+    >>> state, metrics = jax.jit(step)(step.init(jnp.zeros(3), jnp.ones(3)), x, x[0])
+    >>> int(state.base_steps), bool(metrics["selected_score"] > metrics["score"])
+    (4, True)
     """
     method = sama() if method is None else method
     if base_step_along_v is not None:
@@ -712,6 +912,8 @@ def bilevel_step(
         sync=sync,
         on_nonfinite=on_nonfinite,
         loss_reduction=loss_reduction,
+        selection=selection,
+        train_loss=train_loss,
     )
 
 
