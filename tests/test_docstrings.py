@@ -13,6 +13,7 @@ import bilevel_jax
 PUBLIC_MODULES = (
     "hypergrad",
     "linalg",
+    "selection",
     "adaptation",
     "implicit_diff",
     "parallel",
