@@ -12,8 +12,14 @@ method                 hypergradient                                         sta
 ``exact()``            implicit, dense Hessian + direct solve                none
 ``itd(unroll)``        reverse mode through K optax steps                    none
 ``dds()``              reverse mode through one optax step                   none
+``dds(0.0)``           gradient alignment, −∇_λ⟨∇_θL_m, ∇_θL_b⟩ (+ ∇_λL_m)   none
 ``soba(rho)``          single-loop z ≈ −H⁻¹d (Dagréou et al. 2022)            z, count
+``soba(z_tx=...)``     SOBA with an optax step on z (Adam: Grangier 2023)    z, count, z_tx state
 =====================  ===================================================  ======================
+
+SOBA's options ``hvp_loss`` (the Hessian of another loss, e.g. the unweighted one) and
+``fused=True`` (Hz and the cross term from one vjp) are described in
+:mod:`bilevel_jax.hypergrad.soba`; ``dds(0.0)``'s scale in :mod:`bilevel_jax.hypergrad.unrolled`.
 """
 
 from bilevel_jax.hypergrad.base import (

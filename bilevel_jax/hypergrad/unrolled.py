@@ -12,6 +12,21 @@ recomputation).
 Fan et al.): ``h = ∇_λ L_m(θ − ρ ∇_θ L_b(θ, λ), λ)``, i.e. ITD with K = 1. With
 ``lr=None`` the step is the base optimizer's own update.
 
+**Gradient alignment** (``dds(lr=0.0)``, the ρ → 0 limit of DDS with ``lr = ρ``): write
+``h(ρ) = ∇_λ L_m(θ − ρ g(λ), λ)`` with ``g = ∇_θ L_b`` and ``d = ∇_θ L_m``. Then
+``h(0) = ∇_λ L_m`` (the direct term) and
+
+    h'(0) = −∇_λ ⟨∇_θL_m(θ, λ), ∇_θL_b(θ, λ)⟩ = −(∂²L_b/∂λ∂θ) d − (∂²L_m/∂λ∂θ) g,
+
+the gradient of the (negated) alignment of the meta and base gradients (the second term
+vanishes when L_m does not read λ). ``dds(lr=0.0)`` returns ``h(0) + h'(0)``, so that
+``dds(lr=ρ) = ∇_λL_m + ρ·(dds(0) − ∇_λL_m) + O(ρ²)``: the look-ahead direction with the
+step scale divided out. For per-example weights, ``L_b = Σ_x w(x; λ) ℓ(x; θ)`` and a
+λ-free L_m, it is ``−Σ_x ⟨∇_θℓ(x), d⟩ ∇_λ w(x)``: descent raises the weight of examples
+whose gradient aligns with the meta gradient (Wang et al. 2020; Grangier et al.,
+arXiv:2311.11973). It is computed exactly, as ``h(0)`` and ``h'(0)`` by one ``jax.jvp`` in ρ
+of the look-ahead λ-gradient, not by a difference.
+
 Differentiating *through* Adam-type optimizers needs ``eps_root > 0`` (e.g.
 ``optax.adam(lr, eps_root=1e-8)``): the derivative of ``√n`` at n = 0 is infinite
 and turns the hypergradient into NaN at zero gradients (``docs/precision.md``).
@@ -135,7 +150,8 @@ class Unrolled(MethodBase):
       stacked: ``base_batch`` has a leading axis of length K, one batch per step;
         otherwise the same batch is used for every step.
       remat: rematerialise each step in the backward pass (less memory, more compute).
-      lr: if set, the unrolled step is plain SGD with this rate instead of the base optimizer.
+      lr: if set, the unrolled step is plain SGD with this rate instead of the base optimizer;
+        ``lr=0.0`` (one step only) is the gradient-alignment limit (the module docstring).
       hyperparams: optimizer hyperparameters that are meta parameters: a mapping from the
         name of a numeric ``optax.inject_hyperparams`` argument of the base optimizer to the
         key of λ (a dict) holding its value, or to a function ``λ -> value``. The values are
@@ -201,6 +217,12 @@ class Unrolled(MethodBase):
             )
         if self.unroll < 1:
             raise ValueError(f"unroll must be at least 1, got {self.unroll}")
+        if self.lr is not None and self.lr == 0 and self.unroll != 1:
+            raise ValueError(
+                f"{self.name}: lr=0 means the gradient-alignment limit of a one-step look-ahead "
+                f"(dds(lr=0.0)); it is not defined for unroll={self.unroll}. Use dds(lr=0.0), "
+                "or a positive lr."
+            )
         if self.truncate is not None and not 1 <= self.truncate <= self.unroll:
             raise ValueError(f"truncate must be in [1, unroll={self.unroll}], got {self.truncate}")
 
@@ -275,6 +297,8 @@ class Unrolled(MethodBase):
         else:
             first = batches
         check_problem(problem, inputs._replace(base_batch=first))
+        if self.lr is not None and self.lr == 0:
+            return self._alignment(problem, inputs, first), state
         tx = problem.base_tx if self.lr is None else optax.sgd(self.lr)
         opt_state = inputs.base_opt_state if self.lr is None else tx.init(inputs.base_params)
         self.write_hyperparams(opt_state, inputs.meta_params)  # trace-time checks of the names
@@ -309,6 +333,22 @@ class Unrolled(MethodBase):
         value, grad = jax.value_and_grad(unrolled_meta_loss)(inputs.meta_params)
         return assemble(inputs.meta_params, None, grad, value), state
 
+    def _alignment(self, problem: BilevelProblem, inputs: BilevelInputs, batch) -> Hypergrad:
+        """``h(0) + h'(0)`` of ``h(ρ) = ∇_λ L_m(θ − ρ∇_θL_b(θ, λ), λ)`` (module docstring)."""
+        theta = inputs.base_params
+
+        def lookahead(rho):
+            def meta_after_step(lam):
+                g = jax.grad(problem.base_loss)(theta, lam, batch)
+                moved = jax.tree.map(lambda t, gi: t - rho.astype(gi.dtype) * gi, theta, g)
+                return problem.meta_loss(moved, lam, inputs.meta_batch)
+
+            return jax.value_and_grad(meta_after_step)(inputs.meta_params)
+
+        zero, one = jnp.zeros([], jnp.float32), jnp.ones([], jnp.float32)
+        (value, direct), (_, slope) = jax.jvp(lookahead, (zero,), (one,))
+        return assemble(inputs.meta_params, direct, slope, value)
+
 
 def itd(
     unroll: int = 10,
@@ -342,11 +382,28 @@ def dds(
 ) -> Unrolled:
     """One-step look-ahead: ``∇_λ L_m(θ + Δ(∇_θL_b(θ, λ)), λ)`` (``Δ = −lr·g`` when ``lr`` is set).
 
+    ``lr=0.0`` is gradient alignment, the ρ → 0 limit with the step scale divided out:
+
+        dds(0) = ∇_λ L_m − ∇_λ ⟨∇_θL_m, ∇_θL_b⟩,   so   dds(ρ) = ∇_λL_m + ρ (dds(0) − ∇_λL_m) + O(ρ²)
+
+    (the module docstring); ``lr > 0`` and ``lr=None`` are unchanged by it.
     ``hyperparams`` makes optimizer hyperparameters meta parameters (:class:`Unrolled`).
 
     Example:
       >>> m = dds(0.1)
       >>> m.unroll, m.lr, m.name
       (1, 0.1, 'dds')
+
+      Per-example weights ``L_b = Σ_i λ_i (θ − a_i)²/2`` and ``L_m = (θ − 1)²/2`` at θ = 0:
+      ``d = −1`` and ``∇_θℓ_i = −a_i``, so the alignment direction is ``−⟨∇ℓ_i, d⟩ = −a_i``.
+
+      >>> import jax.numpy as jnp, optax, bilevel_jax as bj
+      >>> a = jnp.array([1.0, -2.0])
+      >>> problem = bj.BilevelProblem(lambda th, lam, b: jnp.sum(lam * (th - a) ** 2) / 2,
+      ...                             lambda th, lam, b: jnp.sum((th - 1.0) ** 2) / 2, optax.sgd(0.1))
+      >>> theta = jnp.zeros(1)
+      >>> inputs = bj.BilevelInputs(theta, jnp.ones(2), optax.sgd(0.1).init(theta), None, None)
+      >>> dds(0.0).hypergrad(problem, inputs, None)[0].meta_grad
+      Array([-1.,  2.], dtype=float32)
     """
     return Unrolled(unroll=1, lr=lr, hyperparams=hyperparams or (), name="dds")
