@@ -20,6 +20,7 @@ MARKERS = {
     "implicit": "@bj.custom_root(",
     "loop": "state, history = bj.fit(",
     "mwn": "def mwn(lam, loss):",
+    "selection": "selection = bj.Selection(",
     "data_parallel": "from jax.sharding import Mesh",
     "multihost": "dist.initialize()",
 }
@@ -57,6 +58,15 @@ def test_readme_usage_example_runs():
     assert int(ms[0].count) == 3 and int(ms[0].nonfinite_count) == 0
     assert float(jnp.max(jnp.abs(lam["logit"]))) > 0  # λ moved
     assert float(jnp.max(jnp.abs(theta["w"]))) > 0  # θ moved
+
+
+def test_readme_selection_example_learns_to_drop_dirty_examples(capsys):
+    ns = _run("selection", {})
+    # oracle: the scorer starts flat (λ = 0: ties keep the first 64, half of them dirty) and
+    # must end up ranking the clean examples (targets of the right sign) first
+    assert int(ns["dirty"][ns["kept"]].sum()) <= 4
+    assert "of the 64 top-scored examples are dirty" in capsys.readouterr().out
+    assert int(ns["state"].skipped_meta) == 0 and int(ns["state"].meta_steps) == 300
 
 
 def test_readme_implicit_diff_example_matches_closed_form():
