@@ -50,8 +50,8 @@ the seed's LM initialisation, the big batches, the specific batches and the step
     scorers) and trains θ on them with uniform weights; every ``meta_interval`` base steps α takes
     one Adam step on the hypergradient of the specific_train NLL (a batch of ``k``), the base loss
     of the meta step being the softmax-weighted NLL on a random ``k``-subset of the last big
-    batch. ``bj.dds(lr=0.1)`` (ρ = 0.1), ``bj.soba(z_tx=optax.adam(...))`` (z stepped by Adam, the
-    paper's variant) and ``bj.sama(adapt_from="last")``.
+    batch. ``bj.dds(lr=0.1)`` (ρ = 0.1), ``bj.soba(z_tx=optax.adam(...), hvp_loss=...)`` (z stepped by
+    Adam, H from the unweighted loss of the batch: the reference code's variant) and ``bj.sama(adapt_from="last")``.
 ``transfer``
     the final CNN of ``soba`` (same seed), frozen, selecting top-``k`` for a fresh LM from the same
     initialisation (does the learned distribution transfer to a new model?).
@@ -402,7 +402,8 @@ class Study:
             "transfer": bj.Selection(score_fn=cnn_score, keep=k, rule="top_k"),
             "sparse": bj.Selection(score_fn=cnn_score, keep=k, rule=cfg.rule, meta_batch="random"),
         }
-        soba = bj.soba(z_tx=cfg.z_tx()) if _soba_has_z_tx() else bj.soba(0.01)
+        # the reference code's SOBA: z stepped by Adam, H from the uniform loss of the batch
+        soba = bj.soba(z_tx=cfg.z_tx(), hvp_loss=_uniform_loss(train_loss))
         self.methods = {
             "mwn": bj.dds(lr=cfg.dds_lr),
             "dds": bj.dds(lr=cfg.dds_lr),
@@ -687,10 +688,14 @@ def _lookup_score(table, batch):
     return bj.selection.lookup(table, batch["id"])
 
 
-def _soba_has_z_tx() -> bool:
-    import inspect
+def _uniform_loss(train_loss):
+    """``train_loss`` in the ``(θ, λ, batch)`` form of a base loss (SOBA's ``hvp_loss``)."""
 
-    return "z_tx" in inspect.signature(bj.soba).parameters
+    def uniform_loss(theta, lam, batch):
+        del lam
+        return train_loss(theta, batch)
+
+    return uniform_loss
 
 
 # ----------------------------------------------------------------------------------------------
