@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -395,7 +396,11 @@ class Run:
         if source not in files:
             files.append(source)
         path = source.get("path") or source.get("name")
-        print(f"data: {path}  sha256={source.get('sha256')}", flush=True)
+        sha = source.get("sha256")
+        if isinstance(sha, dict):  # one digest per file (all recorded): print their digest
+            joined = "".join(f"{k}={v};" for k, v in sorted(sha.items()))
+            sha = f"{hashlib.sha256(joined.encode()).hexdigest()} (of {len(sha)} files' sha256)"
+        print(f"data: {path}  sha256={sha}", flush=True)
         return source
 
     def finish(

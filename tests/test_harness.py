@@ -94,6 +94,16 @@ def test_provenance_records_the_checkout():
     assert "device" not in prov and prov["data_files"] == []
 
 
+def test_data_with_per_file_digests_prints_one_line(capsys):
+    run = harness.Run.__new__(harness.Run)  # only the provenance is needed for data()
+    run.provenance = {"data_files": []}
+    src = {"name": "text", "sha256": {"a.txt": "1" * 64, "b.txt": "2" * 64}}
+    run.data(src)
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "of 2 files' sha256" in out and "1111" not in out
+    assert run.provenance["data_files"] == [src]  # every digest is still recorded
+
+
 def test_git_dirty_ignores_results_of_earlier_studies(tmp_path, monkeypatch):
     def git(*args):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
