@@ -197,6 +197,19 @@ class BasePhase(NamedTuple):
     scores: jax.Array | None = None
 
 
+def _after_base_steps(state: BilevelState, carry: tuple, oks: jax.Array) -> BilevelState:
+    """``state`` after K base steps: their final ``(θ, s, model_state)`` and the counters
+    (``oks``: which of the K steps were finite)."""
+    theta, s, model_state = carry
+    return state._replace(
+        base_params=theta,
+        base_opt_state=s,
+        model_state=model_state,
+        base_steps=state.base_steps + oks.shape[0],
+        skipped_base=state.skipped_base + jnp.sum(~oks, dtype=jnp.int32),
+    )
+
+
 def _select(ok, new, old):
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
@@ -577,13 +590,7 @@ class BilevelStep:
         n = scores.shape[1]
         meta_idx = sel.meta_indices(self._key(keys[k]), n, selected[-1])
         meta_base = big if meta_idx is None else gather(big, meta_idx)
-        new = state._replace(
-            base_params=theta,
-            base_opt_state=s,
-            model_state=model_state,
-            base_steps=state.base_steps + k,
-            skipped_base=state.skipped_base + jnp.sum(~oks, dtype=jnp.int32),
-        )
+        new = _after_base_steps(state, (theta, s, model_state), oks)
         return new, BasePhase(losses, oks, meta_base, last_g, last_s, selected, scores)
 
     def base_phase(
@@ -628,13 +635,7 @@ class BilevelStep:
             carry, lam, last_batch, keys[-1]
         )
         oks = jnp.concatenate([oks, ok_k[None]])
-        new = state._replace(
-            base_params=theta,
-            base_opt_state=s,
-            model_state=model_state,
-            base_steps=state.base_steps + k,
-            skipped_base=state.skipped_base + jnp.sum(~oks, dtype=jnp.int32),
-        )
+        new = _after_base_steps(state, (theta, s, model_state), oks)
         losses = jnp.concatenate([losses, loss_k[None]])
         return new, BasePhase(losses, oks, last_batch, last_g, last_s)
 
