@@ -115,7 +115,8 @@ def test_lm_matches_a_float64_reference_forward():
     x = _bytes((3, 32), seed=4)
     got = np.asarray(_fwd(graphdef, params, x, "__call__"), np.float64)
     want = _reference_logits(params, x, heads=4)
-    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+    # float32 rounding through two blocks and the softmax: measured max error 1.1e-6
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_lm_embeddings_are_tied():
