@@ -44,7 +44,12 @@ def callable_repr(x: Any) -> str:
       'partial(solve_cg, maxiter=10)'
       >>> callable_repr(0.5), callable_repr(jnp.tanh)
       ('0.5', 'tanh')
+      >>> import optax
+      >>> callable_repr(optax.sgd(0.1))
+      'chain(identity, scale(step_size=-0.1))'
     """
+    if _is_transform(x):
+        return transform_repr(x)
     if isinstance(x, functools.partial):
         parts = [callable_repr(x.func), *map(callable_repr, x.args)]
         parts += [f"{k}={callable_repr(v)}" for k, v in x.keywords.items()]
@@ -52,6 +57,73 @@ def callable_repr(x: Any) -> str:
     if callable(x) and not isinstance(x, type) and hasattr(x, "__name__"):
         return x.__name__
     return repr(x)
+
+
+def _is_transform(x: Any) -> bool:
+    """An optax ``GradientTransformation`` (a NamedTuple of ``init`` and ``update``)."""
+    return isinstance(x, tuple) and tuple(getattr(x, "_fields", ()))[:2] == ("init", "update")
+
+
+def _cells(fn: Any) -> dict:
+    closure = getattr(fn, "__closure__", None) or ()
+    code = getattr(fn, "__code__", None)
+    return dict(zip(code.co_freevars, (c.cell_contents for c in closure))) if code else {}
+
+
+def _plain(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _update_repr(fn: Any) -> str:
+    """An optax update function as its constructor call, read from its closure."""
+    qualname = getattr(fn, "__qualname__", "")
+    module = getattr(fn, "__module__", "") or ""
+    name = qualname.split(".<locals>")[0] if ".<locals>" in qualname else qualname
+    owner = getattr(fn, "__self__", None)
+    inner = getattr(owner, "inner_opt", None)
+    if type(owner).__name__ == "MultiSteps" and _is_transform(inner):
+        every_fn = getattr(owner, "_every_k_schedule", None)
+        constant = _cells(every_fn).get("every_k_schedule")  # an int is wrapped in a lambda
+        every = repr(constant) if isinstance(constant, int) else callable_repr(every_fn)
+        return f"MultiSteps({transform_repr(inner)}, every_k_schedule={every})"
+    if not module.startswith("optax") or ".<locals>" not in qualname:
+        return callable_repr(fn)
+    cells = _cells(fn)
+    if name == "with_extra_args_support" and _is_transform(cells.get("tx")):
+        return transform_repr(cells["tx"])
+    if name == "chain" and isinstance(cells.get("update_fns"), tuple):
+        return f"chain({', '.join(map(_update_repr, cells['update_fns']))})"
+    parts = []
+    for key, value in cells.items():
+        if _is_transform(value):
+            text = transform_repr(value)
+        elif isinstance(value, dict) and value and all(map(_is_transform, value.values())):
+            text = "{" + ", ".join(f"{k!r}: {transform_repr(v)}" for k, v in value.items()) + "}"
+        elif _plain(value) or (isinstance(value, dict) and all(map(_plain, value.values()))):
+            text = repr(value)
+        elif callable(value) and hasattr(value, "__name__"):
+            if getattr(value, "__qualname__", "").startswith(f"{name}.<locals>."):
+                continue  # the transform's own helper (partition's make_mask, …)
+            text = value.__name__
+        else:
+            continue  # arrays, masks, internal helpers: not settings a reader retypes
+        parts.append(f"{key}={text}")
+    return f"{name}({', '.join(parts)})" if parts else name
+
+
+def transform_repr(tx: Any) -> str:
+    """An optax transform's settings without memory addresses, e.g. for ``repr`` of a step.
+
+    Read from the closure of ``tx.update`` (optax keeps a transform's hyperparameters there):
+    ``optax.adam(1e-3)`` prints as ``chain(scale_by_adam(b1=0.9, …), scale(step_size=-0.001))``.
+    A transform that is not optax's prints as its update function's name.
+
+    Example:
+      >>> import optax
+      >>> transform_repr(optax.chain(optax.clip(1.0), optax.scale(-0.5)))
+      'chain(clip(max_delta=1.0), scale(step_size=-0.5))'
+    """
+    return _update_repr(tx.update)
 
 
 def _path(path) -> str:

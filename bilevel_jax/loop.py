@@ -314,6 +314,16 @@ class BilevelStep:
         default_factory=_nonfinite._Once, init=False, repr=False, compare=False
     )
 
+    def __repr__(self) -> str:
+        """The constructor call with functions by name and transforms by their settings (no
+        memory addresses), so that results can record ``repr(step)``."""
+        parts = [
+            f"{f.name}={_checks.callable_repr(getattr(self, f.name))}"
+            for f in dataclasses.fields(self)
+            if f.repr and f.init
+        ]
+        return f"BilevelStep({', '.join(parts)})"
+
     def __post_init__(self):
         if self.sync == "exact":
             _deprecated('sync="exact"', 'sync="full_batch"', stacklevel=4)

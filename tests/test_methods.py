@@ -173,3 +173,47 @@ def test_implicit_takes_any_solver_callable():
     assert calls == [None]
     assert jnp.array_equal(got.meta_grad, want.meta_grad)
     assert repr(mine) == "Implicit(solver=my_solver, warm_start=False, name='mine')"
+
+
+@pytest.mark.parametrize(
+    "tx, text",
+    [
+        (optax.sgd(0.1), "chain(identity, scale(step_size=-0.1))"),
+        (
+            optax.sgd(0.1, momentum=0.9),
+            "chain(trace(accumulator_dtype=None, decay=0.9, nesterov=False), scale(step_size=-0.1))",
+        ),  # noqa: E501
+        (optax.clip_by_global_norm(2.0), "clip_by_global_norm(max_norm=2.0)"),
+        (
+            optax.masked(optax.scale(3.0), {"a": True}),
+            "masked(inner=scale(step_size=3.0), mask={'a': True})",
+        ),
+        (
+            optax.MultiSteps(optax.scale(2.0), 4).gradient_transformation(),
+            "MultiSteps(scale(step_size=2.0), every_k_schedule=4)",
+        ),
+    ],
+)
+def test_transform_repr_reads_the_settings(tx, text):
+    assert bj._checks.transform_repr(tx) == text
+
+
+def test_bilevel_step_repr_has_no_addresses_and_tells_settings_apart():
+    def base(t, lam, b):
+        return jnp.sum((t - lam * b) ** 2)
+
+    def make(lr):
+        sel = bj.Selection(score_fn=lambda lam, b: b, keep=1, rule="sample")
+        return bj.bilevel_step(
+            base, base, optax.adam(lr), optax.sgd(0.1), bj.soba(z_tx=optax.sgd(lr)),
+            selection=sel, train_loss=lambda t, b: jnp.sum(t * b),
+        )  # fmt: skip
+
+    text = repr(make(1e-3))
+    assert not re.search(r"0x[0-9a-f]+|<function|object at", text), text
+    assert text == repr(make(1e-3)) and text != repr(make(2e-3))
+    assert text.startswith(
+        "BilevelStep(base_loss=base, meta_loss=base, base_tx=chain(scale_by_adam("
+    )
+    assert "z_tx=chain(identity, scale(step_size=-0.001))" in text
+    assert "selection=Selection(score_fn=<lambda>, keep=1, rule='sample'" in text

@@ -216,7 +216,12 @@ def test_repr_and_equality():
     assert repr(bj.soba()) == "SOBA(rho=0.01, name='soba')"
     tx = optax.adam(1e-3)
     m = bj.soba(z_tx=tx, hvp_loss=_uniform_loss)
-    assert repr(m) == "SOBA(rho=None, z_tx=transform, hvp_loss=_uniform_loss, name='soba')"
+    adam = "chain(scale_by_adam(b1=0.9, b2=0.999, eps=1e-08, eps_root=0.0, mu_dtype=None, "
+    adam += "nesterov=False), scale(step_size=-0.001))"
+    assert repr(m) == f"SOBA(rho=None, z_tx={adam}, hvp_loss=_uniform_loss, name='soba')"
+    assert repr(bj.soba(z_tx=optax.sgd(0.2))) == (  # the settings differ, so does the repr
+        "SOBA(rho=None, z_tx=chain(identity, scale(step_size=-0.2)), name='soba')"
+    )
     assert repr(bj.soba(0.1, fused=True)) == "SOBA(rho=0.1, fused=True, name='soba')"
     assert m == bj.soba(z_tx=tx, hvp_loss=_uniform_loss) and hash(m) == hash(
         bj.soba(z_tx=tx, hvp_loss=_uniform_loss)

@@ -182,8 +182,7 @@ class SOBA(MethodBase):
             value = getattr(self, f.name)
             if f.name in _NEW_FIELDS and value is _NEW_FIELDS[f.name]:
                 continue
-            text = "transform" if f.name == "z_tx" else _checks.callable_repr(value)
-            parts.append(f"{f.name}={text}")
+            parts.append(f"{f.name}={_checks.callable_repr(value)}")
         return f"{type(self).__name__}({', '.join(parts)})"
 
     def init(self, base_params: PyTree, meta_params: PyTree) -> SobaState:
