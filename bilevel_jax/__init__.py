@@ -7,9 +7,10 @@ optax optimizer through an analytic adaptation matrix.
 The namespace, one name per thing:
 
 - method factories, lower case (``sama``, ``sama_na``, ``darts``, ``darts_second_order``,
-  ``neumann``, ``cg``, ``exact``, ``itd``, ``dds``, ``soba``), each returning a method object
-  (a frozen dataclass whose ``repr`` reads like its constructor call); the method classes
-  live in :mod:`bilevel_jax.hypergrad` (``SAMA``, the headline method's type, is also here);
+  ``neumann``, ``cg``, ``exact``, ``itd``, ``dds``, ``soba``, and the data-selection baseline
+  ``domain_classifier``), each returning a method object (a frozen dataclass whose ``repr``
+  reads like its constructor call); the method classes live in :mod:`bilevel_jax.hypergrad`
+  (``SAMA``, the headline method's type, and ``DomainClassifier`` are also here);
 - the functional form of one SAMA meta step, ``sama_hypergrad`` (losses and arrays in, a
   :class:`Hypergrad` out; what ``sama().hypergrad`` calls), for use without a method object;
 - the training loop (``bilevel_step``, ``BilevelStep``, ``BilevelState``, ``fit``,
@@ -50,12 +51,14 @@ from bilevel_jax.hypergrad import (
     SAMA,
     BilevelInputs,
     BilevelProblem,
+    DomainClassifier,
     Hypergrad,
     HypergradMethod,
     cg,
     darts,
     darts_second_order,
     dds,
+    domain_classifier,
     exact,
     itd,
     neumann,
@@ -111,6 +114,7 @@ __all__ = [
     "BilevelProblem",
     "BilevelState",
     "BilevelStep",
+    "DomainClassifier",
     "Hypergrad",
     "HypergradMethod",
     "MetaGradState",
@@ -131,6 +135,7 @@ __all__ = [
     "dds",
     "describe",
     "distributed",
+    "domain_classifier",
     "exact",
     "fit",
     "hypergrad",

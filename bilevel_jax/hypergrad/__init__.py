@@ -15,6 +15,8 @@ method                 hypergradient                                         sta
 ``dds(0.0)``           gradient alignment, −∇_λ⟨∇_θL_m, ∇_θL_b⟩ (+ ∇_λL_m)   none
 ``soba(rho)``          single-loop z ≈ −H⁻¹d (Dagréou et al. 2022)            z, count
 ``soba(z_tx=...)``     SOBA with an optax step on z (Adam: Grangier 2023)    z, count, z_tx state
+``domain_classifier``  baseline, not a hypergradient: ∇_λ of a logistic      none
+                       generic-vs-target loss of the scorer (Grangier 2023)
 =====================  ===================================================  ======================
 
 SOBA's options ``hvp_loss`` (the Hessian of another loss, e.g. the unweighted one) and
@@ -28,6 +30,7 @@ from bilevel_jax.hypergrad.base import (
     Hypergrad,
     HypergradMethod,
 )
+from bilevel_jax.hypergrad.classifier import DomainClassifier, domain_classifier
 from bilevel_jax.hypergrad.darts import DartsSecondOrder, darts, darts_second_order
 from bilevel_jax.hypergrad.implicit import Implicit, ImplicitState, cg, exact, neumann
 from bilevel_jax.hypergrad.sama import SAMA, sama, sama_hypergrad, sama_na
@@ -38,6 +41,7 @@ __all__ = [
     "BilevelInputs",
     "BilevelProblem",
     "DartsSecondOrder",
+    "DomainClassifier",
     "Hypergrad",
     "HypergradMethod",
     "Implicit",
@@ -50,6 +54,7 @@ __all__ = [
     "darts",
     "darts_second_order",
     "dds",
+    "domain_classifier",
     "exact",
     "itd",
     "neumann",
