@@ -458,7 +458,12 @@ class BilevelStep:
         _checks.scalar_loss(meta, "meta_loss", theta, lam, meta_batch)
         if self.selection is not None:
             self._check_selection(state, first)
-        if not getattr(self.method, "hyperparams", None):  # else λ also reaches base_tx
+        # λ may reach the step another way: optimizer hyperparameters (base_tx), or a method
+        # with its own objective (bj.domain_classifier)
+        if not (
+            getattr(self.method, "hyperparams", None)
+            or getattr(self.method, "own_objective", False)
+        ):
             _checks.warn_unreached(
                 [lambda m: base(theta, m, first), lambda m: meta(theta, m, meta_batch)],
                 lam,
@@ -731,15 +736,28 @@ class BilevelStep:
         )
         return new, hg._replace(finite=ok)
 
-    def __call__(
+    def phases(
         self, state: BilevelState, base_batches: PyTree, meta_batch: PyTree
-    ) -> tuple[BilevelState, dict]:
-        """K base steps then one meta step; returns the new state and scalar metrics.
+    ) -> tuple[BilevelState, BasePhase, Hypergrad]:
+        """What ``__call__`` computes, before it is reduced to metrics: the new state, the
+        :class:`BasePhase` (per-step losses, and with a ``selection`` the kept indices and the
+        scores) and the meta step's :class:`~bilevel_jax.Hypergrad`.
 
-        With a ``selection`` the metrics also hold ``selected_score`` (the mean score of the
-        kept examples over the K steps) and ``score`` (the mean score of the big batches).
+        ``state.rng`` is split three ways, for the base phase, the meta phase and the next state,
+        exactly as in ``__call__``, so both give the same new state. Inputs are not checked here
+        (``__call__`` checks them).
+
+        >>> import jax.numpy as jnp, optax, bilevel_jax as bj
+        >>> sel = bj.Selection(score_fn=lambda lam, b: b @ lam, keep=1)
+        >>> step = bj.bilevel_step(lambda t, l, b: jnp.mean(b @ l) * jnp.sum(t**2),
+        ...                        lambda t, l, b: jnp.sum(t**2), optax.sgd(0.1), optax.sgd(0.1),
+        ...                        selection=sel, train_loss=lambda t, b: jnp.sum((t - b) ** 2))
+        >>> state = step.init(jnp.zeros(2), jnp.array([1.0, 0.0]))
+        >>> big = jnp.array([[[0.0, 1.0], [2.0, 0.0], [1.0, 1.0]]])  # K = 1 step, n = 3
+        >>> state, base, hg = step.phases(state, big, jnp.zeros(2))
+        >>> base.selected  # the example with the largest score b @ λ, per base step
+        Array([[1]], dtype=int32)
         """
-        self._check(state, base_batches, meta_batch)
         rng, base_rng, meta_rng = jax.random.split(state.rng, 3)
         state, base = self.base_phase(state._replace(rng=base_rng), base_batches)
         state, hg = self.meta_phase(
@@ -749,6 +767,18 @@ class BilevelStep:
             last_grad=base.last_grad,
             last_opt_state=base.last_opt_state,
         )
+        return state._replace(rng=rng), base, hg
+
+    def __call__(
+        self, state: BilevelState, base_batches: PyTree, meta_batch: PyTree
+    ) -> tuple[BilevelState, dict]:
+        """K base steps then one meta step; returns the new state and scalar metrics.
+
+        With a ``selection`` the metrics also hold ``selected_score`` (the mean score of the
+        kept examples over the K steps) and ``score`` (the mean score of the big batches).
+        """
+        self._check(state, base_batches, meta_batch)
+        state, base, hg = self.phases(state, base_batches, meta_batch)
         good = jnp.maximum(jnp.sum(base.finite), 1)
         metrics = {
             "base_loss": jnp.sum(jnp.where(base.finite, base.losses, 0.0)) / good,
@@ -763,7 +793,7 @@ class BilevelStep:
             kept_mean, all_mean = self._mean((jnp.mean(kept), jnp.mean(base.scores)))
             metrics["selected_score"] = jnp.asarray(kept_mean, jnp.float32)
             metrics["score"] = jnp.asarray(all_mean, jnp.float32)
-        return state._replace(rng=rng), metrics
+        return state, metrics
 
 
 def _check_loss_reduction(sync: str, loss_reduction: str | None) -> None:

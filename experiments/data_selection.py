@@ -85,8 +85,6 @@ import optax
 from flax import nnx
 
 import bilevel_jax as bj
-from bilevel_jax.hypergrad.base import Hypergrad
-from bilevel_jax.loop import BasePhase
 from experiments import harness, text_data
 from experiments import lm as lm_lib
 from experiments.models import split
@@ -100,7 +98,6 @@ __all__ = [
     "ltr_weights",
     "cds_scores",
     "weight_stats",
-    "bilevel_call",
     "run_seed",
     "main",
 ]
@@ -313,24 +310,6 @@ def weight_stats(weights: np.ndarray, top: int) -> dict[str, float]:
         "ess": float(1.0 / (n * (w**2).sum())),
         "top_mass": float(np.sort(w)[::-1][:top].sum()),
     }
-
-
-def bilevel_call(
-    step: bj.BilevelStep, state: bj.BilevelState, base_batches: PyTree, meta_batch: PyTree
-) -> tuple[bj.BilevelState, BasePhase, Hypergrad]:
-    """``step(state, base_batches, meta_batch)`` through its two public phases, so that the
-    :class:`~bilevel_jax.loop.BasePhase` (the kept indices) is returned too: the same keys and the same
-    new state as ``step.__call__`` (tested)."""
-    rng, base_rng, meta_rng = jax.random.split(state.rng, 3)
-    state, base = step.base_phase(state._replace(rng=base_rng), base_batches)
-    state, hg = step.meta_phase(
-        state._replace(rng=meta_rng),
-        base.last_batch,
-        meta_batch,
-        last_grad=base.last_grad,
-        last_opt_state=base.last_opt_state,
-    )
-    return state._replace(rng=rng), base, hg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -646,7 +625,7 @@ class Study:
 
             def interval(st, idx):
                 bi, si = idx
-                st, base, hg = bilevel_call(step, st, {"x": gen[bi], "id": bi}, spec[si[-1]])
+                st, base, _ = step.phases(st, {"x": gen[bi], "id": bi}, spec[si[-1]])
                 assert base.selected is not None  # a step with a selection records them
                 ids = jnp.take_along_axis(bi, base.selected, axis=1)
                 good = jnp.maximum(jnp.sum(base.finite), 1)

@@ -120,37 +120,6 @@ def test_cds_scores_are_the_generic_minus_the_fine_tuned_nll():
     assert got[:4].min() > got[4:].max()  # the fine-tuned model prefers its own windows
 
 
-def test_bilevel_call_is_step_call_with_the_kept_indices():
-    def score(lam, b):
-        return b["x"] @ lam
-
-    def per_example(th, b):
-        return (b["x"] @ th - 1.0) ** 2
-
-    def weighted(th, lam, b):
-        return jnp.sum(bj.selection.softmax_weights(score(lam, b)) * per_example(th, b))
-
-    sel = bj.Selection(score_fn=score, keep=3, rule="sample", meta_batch="random")
-    step = bj.bilevel_step(
-        weighted,
-        lambda th, lam, m: jnp.mean((m @ th - 1.0) ** 2),
-        optax.adam(0.1),
-        optax.adam(0.1),
-        bj.dds(lr=0.1),
-        selection=sel,
-        train_loss=lambda th, b: jnp.mean(per_example(th, b)),
-    )
-    x = jax.random.normal(jax.random.key(0), (4, 8, 3))
-    state = step.init(jnp.zeros(3), jnp.ones(3), rng=jax.random.PRNGKey(5))
-    ref, _ = jax.jit(step)(state, {"x": x}, x[0, :4])
-    got, base, hg = jax.jit(lambda s: dsel.bilevel_call(step, s, {"x": x}, x[0, :4]))(state)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert base.selected.shape == (4, 3) and bool(hg.finite)
-    for j in range(4):  # kept indices are distinct members of the big batch
-        assert len(set(np.asarray(base.selected[j]).tolist())) == 3
-
-
 def test_weight_stats_closed_forms():
     n = 8
     assert dsel.weight_stats(np.full(n, 2.0), 2) == pytest.approx(

@@ -8,6 +8,8 @@ same selection; a behaviour test (the classifier separates two Gaussian domains)
 of it against a case whose answer is known.
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -267,3 +269,23 @@ def test_contrastive_scores_errors():
         bs.contrastive_scores(lambda t, b: jnp.ones(4, jnp.int32), th, th, b)
     with pytest.raises(TypeError, match="callable"):
         bs.contrastive_scores("loss", th, th, b)  # type: ignore[arg-type]
+
+
+def test_no_unreached_warning_when_the_losses_do_not_read_lambda():
+    def score(lam, b):
+        return b @ lam
+
+    step = bj.bilevel_step(
+        lambda th, lam, b: jnp.mean((b @ th) ** 2),  # λ only reaches the step via the method
+        lambda th, lam, b: jnp.mean((b @ th) ** 2),
+        optax.sgd(0.1),
+        optax.sgd(0.1),
+        bj.domain_classifier(score),
+        selection=bj.Selection(score_fn=score, keep=2, meta_batch="big"),
+        train_loss=lambda th, b: jnp.mean((b @ th) ** 2),
+    )
+    state = step.init(jnp.ones(2), jnp.zeros(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state, _ = step(state, jnp.ones((1, 4, 2)), -jnp.ones((3, 2)))
+    assert int(state.meta_steps) == 1

@@ -4,7 +4,7 @@ selection against a hand-written optax + method reference, the unchanged step wi
 (bit-identical to the committed code), input errors, and data parallelism on fake devices.
 
 Run as ``python tests/test_selection.py --dp-worker`` it is the data-parallel worker (a
-subprocess with 4 fake CPU devices, float64) and prints one JSON line.
+subprocess with 8 fake CPU devices, float64) and prints one JSON line.
 """
 
 import json
@@ -15,7 +15,7 @@ import sys
 import types
 
 if __name__ == "__main__" and "--dp-worker" in sys.argv:
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
 import jax
 import jax.numpy as jnp
@@ -500,7 +500,7 @@ def test_without_selection_the_step_is_bit_identical_to_the_committed_code(kw):
 
 
 # -- data parallelism: each device selects from its own shard ----------------------------------
-N_DEV, DP_N, DP_KEEP, DP_NM = 4, 16, 0.5, 8  # 4 examples and 2 kept per device
+N_DEV, DP_N, DP_KEEP, DP_NM = 8, 32, 0.5, 16  # 4 examples and 2 kept per device
 
 
 def _dp_worker():
@@ -609,6 +609,37 @@ def test_data_parallel_selects_per_shard(dp_report, rule):
     assert r["score_err"] <= 1e-6, r  # the metrics are float32
     # selection adds no collective to the base steps: one all-reduce each, no all-gather
     assert r["base_step_allreduces"] == 1 and r["other_collectives"] == 0, r
+
+
+def test_phases_is_step_call_with_the_kept_indices():
+    def score(lam, b):
+        return b["x"] @ lam
+
+    def per_example(th, b):
+        return (b["x"] @ th - 1.0) ** 2
+
+    def weighted(th, lam, b):
+        return jnp.sum(bj.selection.softmax_weights(score(lam, b)) * per_example(th, b))
+
+    sel = bj.Selection(score_fn=score, keep=3, rule="sample", meta_batch="random")
+    step = bj.bilevel_step(
+        weighted,
+        lambda th, lam, m: jnp.mean((m @ th - 1.0) ** 2),
+        optax.adam(0.1),
+        optax.adam(0.1),
+        bj.dds(lr=0.1),
+        selection=sel,
+        train_loss=lambda th, b: jnp.mean(per_example(th, b)),
+    )
+    x = jax.random.normal(jax.random.key(0), (4, 8, 3))
+    state = step.init(jnp.zeros(3), jnp.ones(3), rng=jax.random.PRNGKey(5))
+    ref, _ = jax.jit(step)(state, {"x": x}, x[0, :4])
+    got, base, hg = jax.jit(lambda s: step.phases(s, {"x": x}, x[0, :4]))(state)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert base.selected.shape == (4, 3) and bool(hg.finite)
+    for j in range(4):  # kept indices are distinct members of the big batch
+        assert len(set(np.asarray(base.selected[j]).tolist())) == 3
 
 
 if __name__ == "__main__" and "--dp-worker" in sys.argv:

@@ -107,6 +107,9 @@ class DomainClassifier(MethodBase):
     meta_score_fn: Callable[[PyTree, PyTree], jax.Array] | None = None
     name: str = "domain_classifier"
     info_keys = ("accuracy",)
+    own_objective = True
+    """λ is trained on the method's own loss, not through ``base_loss``/``meta_loss`` (so
+    :func:`~bilevel_jax.bilevel_step` does not warn when those losses do not read λ)."""
 
     def __post_init__(self) -> None:
         _check_callable(self.score_fn, "score_fn")
