@@ -60,6 +60,7 @@ from flax import nnx
 import bilevel_jax as bj
 from experiments import data as data_lib
 from experiments import harness
+from experiments.harness import compile_stats
 from experiments.models import MLP, ByteTransformer, MetaWeightNet, ReweightLosses, split
 
 K = 10  # base steps per meta step
@@ -222,30 +223,6 @@ def meta_step(p: Problem, method, dtype=None, after: tuple | None = None):
 
 # ----------------------------------------------------------------------------------------------
 # Measurement
-
-
-def compile_stats(fn: Callable, args: tuple, donate: tuple[int, ...] = ()) -> tuple[Any, dict]:
-    """Compile ``fn`` for ``args``; return the executable, its temp bytes and FLOPs."""
-    compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
-    mem = compiled.memory_analysis()
-    if mem is None:
-        raise RuntimeError("XLA gave no memory analysis for the compiled function")
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    if cost is None:
-        raise RuntimeError("XLA gave no cost analysis for the compiled function")
-    peak = (
-        mem.argument_size_in_bytes
-        + mem.output_size_in_bytes
-        - mem.alias_size_in_bytes
-        + mem.temp_size_in_bytes
-    )
-    return compiled, {
-        "temp_bytes": int(mem.temp_size_in_bytes),
-        "flops": float(cost["flops"]),
-        "argument_bytes": int(mem.argument_size_in_bytes),
-        "peak_bytes": int(peak),
-    }
 
 
 def time_calls(compiled, args: tuple, n: int, donate: tuple[int, ...] = ()) -> list[float]:

@@ -32,9 +32,10 @@ the seed's LM initialisation, the big batches, the specific batches and the step
     selection loop.
 ``classifier``
     a :class:`~experiments.lm.DomainClassifier` (the CNN read as a logistic classifier generic 0
-    vs specific 1) is trained online, one Adam step of
-    :func:`~experiments.lm.classifier_loss` on ``k`` generic + ``k`` specific_train windows per
-    meta interval; keep the top ``k`` logits.
+    vs specific 1) is trained online on the sparse methods' machinery with the method swapped:
+    ``bj.domain_classifier`` in place of the hypergradient, one ``classifier_tx`` step per meta
+    interval on a random ``k`` of the last big batch (0) and ``k`` specific_train windows (1);
+    keep the top ``k`` logits.
 ``mwn``
     Meta-Weight-Net-style dense weighting: θ on ``Σ_i softmax(s(x_i; α))_i ℓ_i(θ)`` over ``k``
     windows of each big batch (no example dropped), α by one-step look-ahead (``bj.dds(lr=ρ)``).
@@ -288,11 +289,14 @@ def cds_scores(
     r"""Contrastive data selection scores ``ℓ_generic(x) − ℓ_specific(x)`` (nats per byte).
 
     Moore & Lewis (2010), Wang et al. (2018): high when the model fine-tuned on the specific
-    domain explains ``x`` better than the generic model it started from.
+    domain explains ``x`` better than the generic model it started from
+    (:func:`bilevel_jax.selection.contrastive_scores` of the per-window NLL).
     """
-    nll_g = lm_lib.per_example_nll(graphdef, theta_generic, windows)
-    nll_s = lm_lib.per_example_nll(graphdef, theta_specific, windows)
-    return nll_g - nll_s
+
+    def nll(theta, w):
+        return lm_lib.per_example_nll(graphdef, theta, w)
+
+    return bj.selection.contrastive_scores(nll, theta_generic, theta_specific, windows)
 
 
 def weight_stats(weights: np.ndarray, top: int) -> dict[str, float]:
@@ -374,10 +378,20 @@ class Study:
         self.nll, self.train_loss, self.cnn_score = nll, train_loss, cnn_score
         self.weighted_loss, self.meta_loss = weighted_loss, meta_loss
         k = cfg.keep
+        clf_def = self.clf_def
+
+        def clf_score(phi, batch):
+            return lm_lib.scores(clf_def, phi, batch["x"])
+
+        def clf_meta_score(phi, windows):  # the meta batch is the specific windows themselves
+            return lm_lib.scores(clf_def, phi, windows)
+
         self.selections = {
             "uniform": bj.Selection(score_fn=_constant_score, keep=k, rule="uniform"),
             "cds": bj.Selection(score_fn=_lookup_score, keep=k, rule="top_k"),
-            "classifier": bj.Selection(score_fn=self._clf_score, keep=k, rule="top_k"),
+            "classifier": bj.Selection(
+                score_fn=clf_score, keep=k, rule="top_k", meta_batch="random"
+            ),
             "transfer": bj.Selection(score_fn=cnn_score, keep=k, rule="top_k"),
             "sparse": bj.Selection(score_fn=cnn_score, keep=k, rule=cfg.rule, meta_batch="random"),
         }
@@ -388,6 +402,9 @@ class Study:
             "dds": bj.dds(lr=cfg.dds_lr),
             "soba": soba,
             "sama": bj.sama(cfg.sama_alpha, adapt_from="last"),
+            # not a hypergradient: φ is trained as a logistic classifier, specific (1) vs a
+            # random k of the big batch (0), one classifier_tx step per meta interval
+            "classifier": bj.domain_classifier(clf_score, meta_score_fn=clf_meta_score),
         }
         self.steps = {
             "mwn": bj.bilevel_step(
@@ -405,6 +422,15 @@ class Study:
                 )
                 for name in ("dds", "soba", "sama")
             },
+            "classifier": bj.bilevel_step(
+                _uniform_loss(train_loss),  # (the classifier's meta step does not use it)
+                meta_loss,
+                cfg.lm_tx(),
+                cfg.classifier_tx(),
+                self.methods["classifier"],
+                selection=self.selections["classifier"],
+                train_loss=train_loss,
+            ),
         }
         self.programs: dict[str, Program] = {}
         # plain LM training: fine-tuning (finetune_tx), and the CDS generic model (lm_tx)
@@ -422,7 +448,7 @@ class Study:
         self.cds_scores = jax.jit(lambda tg, ts, w: cds_scores(lm_def, tg, ts, w))
         self.ltr_weights = jax.jit(lambda th, w, m: ltr_weights(lm_def, th, w, m))
         self.cnn_scores = jax.jit(lambda a, w: lm_lib.scores(cnn_def, a, w))
-        self.clf_scores = jax.jit(lambda p, w: lm_lib.scores(self.clf_def, p, w))
+        self.clf_scores = jax.jit(clf_meta_score)
 
     # -- models
     def _lm(self, seed: int) -> lm_lib.ByteLM:
@@ -446,9 +472,6 @@ class Study:
         return lm_lib.DomainClassifier(
             embed=c.cnn_embed, channels=c.cnn_channels, kernel=c.cnn_kernel, rngs=nnx.Rngs(seed)
         )
-
-    def _clf_score(self, phi, batch):
-        return lm_lib.scores(self.clf_def, phi, batch["x"])
 
     def init_params(self, seed: int) -> tuple[PyTree, PyTree, PyTree]:
         """θ₀, α₀ (zero-init CNN) and φ₀ (classifier) of a seed."""
@@ -482,7 +505,7 @@ class Study:
                 "uniform": self._selection_seg,
                 "cds": self._selection_seg,
                 "transfer": self._selection_seg,
-                "classifier": self._selection_seg,
+                "classifier": self._sparse_seg,
                 "mixing": lambda n: self._mixing_seg,
                 "ltr": lambda n: self._ltr_seg,
                 "mwn": lambda n: self._mwn_seg,
@@ -498,15 +521,13 @@ class Study:
         return state, out[0], out[1]
 
     def _selection_seg(self, name: str):
-        """A plain selection loop (no hypergradient): score, keep, step θ; the classifier also
-        takes one step of its own loss per meta interval."""
+        """A plain selection loop (no meta step): score with a fixed scorer, keep, step θ."""
         sel = self.selections[name]
         tx = self.cfg.lm_tx()
-        clf_tx = self.cfg.classifier_tx()
-        ns, k = self.n_sources, self.k
+        ns = self.n_sources
 
         def seg(state, big_idx, spec_idx, arrays):
-            gen, src, spec = arrays["gen"], arrays["gen_src"], arrays["spec"]
+            gen, src = arrays["gen"], arrays["gen_src"]
 
             def interval(st, idx):
                 bi, si = idx  # (K, n), (K, k)
@@ -524,32 +545,19 @@ class Study:
                     one, (st["theta"], st["opt"], st["key"]), jnp.arange(bi.shape[0])
                 )
                 st = {**st, "theta": theta, "opt": s, "key": key}
-                if name == "classifier":  # generic (0): k windows of the last big batch
-                    x = jnp.concatenate([gen[bi[-1, :k]], spec[si[-1]]])
-                    y = jnp.concatenate([jnp.zeros(k), jnp.ones(k)])
-                    r = bj.base_step(
-                        lambda p: lm_lib.classifier_loss(self.clf_def, p, x, y),
-                        clf_tx,
-                        st["lam"],
-                        st["lam_opt"],
-                    )
-                    st = {**st, "lam": r.params, "lam_opt": r.opt_state}
                 return st, (_counts(ids, None, ns), loss.mean())
 
             return self._scan(interval, state, big_idx, spec_idx)
 
         return seg
 
-    def init_selection(self, name: str, theta, lam, seed: int) -> dict:
-        state = {
+    def init_selection(self, theta, lam, seed: int) -> dict:
+        return {
             "theta": theta,
             "opt": self.cfg.lm_tx().init(theta),
             "lam": lam,
             "key": jax.random.PRNGKey(seed),
         }
-        if name == "classifier":
-            state["lam_opt"] = self.cfg.classifier_tx().init(lam)
-        return state
 
     def _mixing_seg(self, state, big_idx, spec_idx, arrays):
         gen, src, spec = arrays["gen"], arrays["gen_src"], arrays["spec"]
@@ -646,7 +654,7 @@ class Study:
         elif name == "transfer":
             s = self.cnn_scores(state["lam"], big)
         elif name == "classifier":
-            s = self.clf_scores(state["lam"], big)
+            s = self.clf_scores(state.meta_params, big)
         elif name == "cds":
             s = self.cds_scores(extra["theta_generic"], extra["theta_specific"], big)
         elif name == "ltr":
@@ -747,16 +755,15 @@ def run_seed(
             t_extra = time.perf_counter() - t0
         elif name == "transfer":
             lam = out["soba"]["_state"].meta_params
-        elif name == "classifier":
-            lam = phi0
-        if name in ("uniform", "cds", "classifier", "transfer"):
-            state: Any = study.init_selection(name, theta0, lam, seed)
+        if name in ("uniform", "cds", "transfer"):
+            state: Any = study.init_selection(theta0, lam, seed)
         elif name in ("mixing", "ltr"):
             state = {"theta": theta0, "opt": cfg.lm_tx().init(theta0)}
             if name == "ltr":
                 state["zero_steps"] = jnp.zeros([], jnp.int32)
         else:
-            state = study.steps[name].init(theta0, alpha0, rng=jax.random.PRNGKey(seed))
+            lam0 = phi0 if name == "classifier" else alpha0
+            state = study.steps[name].init(theta0, lam0, rng=jax.random.PRNGKey(seed))
         prog = study.program(name).ensure(state, big_idx[0], spec_idx[0], arrays)
 
         def theta_of(st):

@@ -63,6 +63,7 @@ __all__ = [
     "Run",
     "provenance",
     "to_json",
+    "compile_stats",
     "per_step_records",
     "batch_indices",
     "plain_segment",
@@ -484,6 +485,34 @@ def bilevel_segment(step: Callable) -> Callable:
         return jax.lax.scan(body, state, (idx, meta_idx))
 
     return seg
+
+
+def compile_stats(fn: Callable, args: tuple, donate: tuple[int, ...] = ()) -> tuple[Any, dict]:
+    """Compile ``fn`` for ``args``; return the executable, its temp bytes and FLOPs.
+
+    (XLA's ``cost_analysis()`` counts a while-loop body once: compile one step, not a scan.)"""
+    import jax
+
+    compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+    mem = compiled.memory_analysis()
+    if mem is None:
+        raise RuntimeError("XLA gave no memory analysis for the compiled function")
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost is None:
+        raise RuntimeError("XLA gave no cost analysis for the compiled function")
+    peak = (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+    )
+    return compiled, {
+        "temp_bytes": int(mem.temp_size_in_bytes),
+        "flops": float(cost["flops"]),
+        "argument_bytes": int(mem.argument_size_in_bytes),
+        "peak_bytes": int(peak),
+    }
 
 
 def summarize(values: Sequence[float], seeds: Sequence[int]) -> dict:

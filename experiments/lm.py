@@ -18,9 +18,9 @@ over a batch of scores, ``Σ_i w_i ℓ_i``) live in the library (``bilevel_jax.s
 * :class:`WeightingCNN` — the paper's weighting network: byte embedding → causal Conv1D
   (kernel 7) → ReLU → per-token Dense → mean over positions, one score per sequence;
 * :class:`DomainClassifier` — the same CNN read as a logistic classifier generic (0) vs
-  specific (1), with :func:`classifier_loss`;
+  specific (1), trained with :func:`bilevel_jax.domain_classifier`;
 * pure functions of ``(graphdef, params)`` pytrees, as the library sees them:
-  :func:`per_example_nll`, :func:`lm_loss`, :func:`scores`, :func:`classifier_loss`, plus
+  :func:`per_example_nll`, :func:`lm_loss`, :func:`scores`, plus
   :func:`bits_per_byte` and :func:`num_params`.
 
 A *window* is an int32 array ``(n, T + 1)`` of bytes: the LM reads ``windows[:, :-1]`` and
@@ -51,7 +51,6 @@ __all__ = [
     "lm_loss",
     "bits_per_byte",
     "scores",
-    "classifier_loss",
     "num_params",
 ]
 
@@ -224,7 +223,7 @@ class DomainClassifier(WeightingCNN):
     r"""The :class:`WeightingCNN` read as a logistic classifier: generic (0) vs specific (1).
 
     Its score is the logit of ``P(specific | x) = σ(s(x))``; train it with
-    :func:`classifier_loss` and rank generic examples by logit (the paper's
+    :func:`bilevel_jax.domain_classifier` and rank generic examples by logit (the paper's
     domain-classifier baseline). Same arguments as :class:`WeightingCNN`, but the output layer
     starts at the usual random init (``zero_init=False``).
 
@@ -306,31 +305,6 @@ def scores(graphdef: nnx.GraphDef, params: PyTree, windows: jax.Array) -> jax.Ar
       Array([0., 0., 0., 0.], dtype=float32)
     """
     return nnx.merge(graphdef, params)(jnp.asarray(windows))
-
-
-def classifier_loss(
-    graphdef: nnx.GraphDef, params: PyTree, windows: jax.Array, labels: jax.Array
-) -> jax.Array:
-    r"""Mean binary cross entropy of the domain classifier from its logits ``s = s(x)``.
-
-    .. math:: \frac1n \sum_i -\big[y_i \log σ(s_i) + (1 - y_i) \log(1 - σ(s_i))\big],
-
-    ``labels``: 0 for generic, 1 for specific windows (computed stably from logits).
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from flax import nnx
-      >>> from experiments.models import split
-      >>> clf_def, phi = split(DomainClassifier(zero_init=True, rngs=nnx.Rngs(0)))
-      >>> x, y = jnp.ones((4, 20), jnp.int32), jnp.array([0, 1, 0, 1])
-      >>> round(float(classifier_loss(clf_def, phi, x, y)), 4)  # ln 2 at logit 0
-      0.6931
-    """
-    labels = jnp.asarray(labels)
-    logits = scores(graphdef, params, windows)
-    if labels.shape != logits.shape:
-        raise ValueError(f"labels shape {labels.shape} must be (n,) = {logits.shape}")
-    return optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype)).mean()
 
 
 def num_params(params: PyTree) -> int:

@@ -12,13 +12,13 @@ import optax
 import pytest
 from flax import nnx
 
+import bilevel_jax as bj
 from experiments import lm
 from experiments.lm import (
     ByteLM,
     DomainClassifier,
     WeightingCNN,
     bits_per_byte,
-    classifier_loss,
     lm_loss,
     num_params,
     per_example_nll,
@@ -299,32 +299,34 @@ def test_zero_init_cnn_scores_every_input_equally_but_can_learn():
     assert float(jnp.abs(g["out"]["kernel"]).max()) > 0
 
 
-def test_classifier_loss_is_binary_cross_entropy_and_the_classifier_learns():
+def test_the_classifier_cnn_under_bj_domain_classifier_is_bce_and_learns():
     clf_def, phi = split(DomainClassifier(rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(0)
     # generic: lowercase letters; specific: digits (easy: measured BCE 0.71 → 6e-4 in 10 steps)
-    gen = rng.integers(ord("a"), ord("z") + 1, (16, 20))
-    spec = rng.integers(ord("0"), ord("9") + 1, (16, 20))
-    x = jnp.asarray(np.concatenate([gen, spec]), jnp.int32)
-    y = jnp.asarray([0] * 16 + [1] * 16)
-    s = np.asarray(jax.jit(scores, static_argnums=0)(clf_def, phi, x), np.float64)
-    sig = 1 / (1 + np.exp(-s))
-    want = -np.mean(np.asarray(y) * np.log(sig) + (1 - np.asarray(y)) * np.log(1 - sig))
-    np.testing.assert_allclose(float(classifier_loss(clf_def, phi, x, y)), want, rtol=1e-5)
-    with pytest.raises(ValueError, match="labels shape"):
-        classifier_loss(clf_def, phi, x, y[:5])
+    gen = jnp.asarray(rng.integers(ord("a"), ord("z") + 1, (16, 20)), jnp.int32)
+    spec = jnp.asarray(rng.integers(ord("0"), ord("9") + 1, (16, 20)), jnp.int32)
+    method = bj.domain_classifier(lambda p, w: scores(clf_def, p, w))
+    s = np.asarray(jax.jit(scores, static_argnums=0)(clf_def, phi, jnp.concatenate([gen, spec])))
+    sig = 1 / (1 + np.exp(-s.astype(np.float64)))
+    y = np.array([0] * 16 + [1] * 16)
+    bce = -np.mean(y * np.log(sig) + (1 - y) * np.log(1 - sig))
+    loss = jax.jit(lambda p: method.loss(p, gen, spec)[0])
+    # balanced: mean over each domain, summed; with 16 + 16 examples it is twice the BCE
+    np.testing.assert_allclose(float(loss(phi)), 2 * bce, rtol=1e-5)
 
     tx = optax.adam(1e-2)
     opt = tx.init(phi)
-    grad = jax.jit(jax.value_and_grad(lambda p: classifier_loss(clf_def, p, x, y)))
+    grad = jax.jit(jax.value_and_grad(lambda p: method.loss(p, gen, spec)[0]))
     losses = []
     for _ in range(40):
-        loss, g = grad(phi)
-        losses.append(float(loss))
+        value, g = grad(phi)
+        losses.append(float(value))
         upd, opt = tx.update(g, opt, phi)
         phi = optax.apply_updates(phi, upd)
-    logits = np.asarray(jax.jit(scores, static_argnums=0)(clf_def, phi, x))
-    assert float(classifier_loss(clf_def, phi, x, y)) < 0.2 * losses[0], losses[::10]
+    logits = np.asarray(
+        jax.jit(scores, static_argnums=0)(clf_def, phi, jnp.concatenate([gen, spec]))
+    )
+    assert float(loss(phi)) < 0.2 * losses[0], losses[::10]
     assert logits[16:].min() > logits[:16].max()  # ranking by logit separates the domains
 
 
