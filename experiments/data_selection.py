@@ -100,6 +100,8 @@ __all__ = [
     "cds_scores",
     "weight_stats",
     "run_seed",
+    "cost_report",
+    "host_transfer_ops",
     "main",
 ]
 
@@ -686,6 +688,89 @@ def _uniform_loss(train_loss):
 
 
 # ----------------------------------------------------------------------------------------------
+# Cost of one step, compiled
+
+
+_HOST_OPS = ("outfeed", "infeed", "send", "recv")
+
+
+def host_transfer_ops(hlo: str) -> dict[str, int]:
+    """Instructions of an HLO module that move data to or from the host mid-program: in/outfeed,
+    send/recv and Python callbacks. ``unconditional``: run on every call; ``conditional``: inside
+    a ``cond`` branch (e.g. the library's warning on an exactly-zero hypergradient, whose branch
+    runs only when every entry is 0). ``unconditional == 0``: no host round-trip per call."""
+    import re
+
+    out = {"unconditional": 0, "conditional": 0}
+    pattern = (
+        r"\b(" + "|".join(_HOST_OPS) + r")(-done|-start)?\(|custom_call_target=\"[^\"]*callback"
+    )
+    for line in hlo.splitlines():
+        if re.search(pattern, line):
+            where = re.search(r'op_name="([^"]*)"', line)
+            conditional = where is not None and "/cond/" in where.group(1)
+            out["conditional" if conditional else "unconditional"] += 1
+    return out
+
+
+def cost_report(study: Study, *, reps: int = 20) -> dict:
+    """Compiled FLOPs (XLA ``cost_analysis``) and wall time of one meta step of each method, and
+    of one selection base step, as ratios to one LM step (an Adam step on the mean NLL of ``k``
+    windows). Every function is compiled on its own (not inside a scan, whose body XLA counts
+    once); times are medians of ``reps`` calls, interleaved, in this process."""
+    cfg, data, k, n = study.cfg, study.data, study.cfg.keep, study.cfg.big_batch
+    theta, alpha, phi = study.init_params(0)
+    big = {"x": jnp.asarray(data.gen_train[:n]), "id": jnp.arange(n, dtype=jnp.int32)}
+    kept = jax.tree.map(lambda x: x[:k], big)
+    meta = jnp.asarray(data.spec_train[:k])
+    tx = cfg.lm_tx()
+    s0 = tx.init(theta)
+    grad0 = jax.tree.map(jnp.zeros_like, theta)
+    sel = study.selections["sparse"]
+    train_loss = study.train_loss
+
+    def lm_step(th, s, b):
+        r = bj.base_step(train_loss, tx, th, s, b)
+        return r.params, r.opt_state
+
+    def selection_step(th, s, lam, b, key):  # score n, keep k, step on the kept
+        return lm_step(th, s, bj.selection.gather(b, sel.choose(key, sel.scores(lam, b))))
+
+    jobs: dict[str, tuple[Callable, tuple]] = {
+        "lm_step": (lm_step, (theta, s0, kept)),
+        "selection_step": (selection_step, (theta, s0, alpha, big, jax.random.PRNGKey(0))),
+    }
+    for name, step in study.steps.items():
+        state = step.init(theta, phi if name == "classifier" else alpha, rng=jax.random.PRNGKey(0))
+
+        def meta_step(st, b, m, g, ls, step=step):
+            return step.meta_phase(st, b, m, last_grad=g, last_opt_state=ls)
+
+        jobs[f"meta_step:{name}"] = (meta_step, (state, kept, meta, grad0, s0))
+    compiled, stats = {}, {}
+    for key, (fn, args) in jobs.items():
+        compiled[key], stats[key] = harness.compile_stats(fn, args)
+    times: dict[str, list[float]] = {key: [] for key in jobs}
+    for _ in range(reps):
+        for key, (_, args) in jobs.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled[key](*args))
+            times[key].append(time.perf_counter() - t0)
+    ref_flops, ref_s = stats["lm_step"]["flops"], float(np.median(times["lm_step"]))
+    out = {}
+    for key in jobs:
+        med = float(np.median(times[key]))
+        out[key] = {
+            "flops": stats[key]["flops"],
+            "flops_ratio": stats[key]["flops"] / ref_flops,
+            "median_s": med,
+            "time_ratio": med / ref_s,
+            "temp_bytes": stats[key]["temp_bytes"],
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # One seed
 
 
@@ -999,6 +1084,32 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "extra_s": float(np.mean([runs[s][m]["extra_s"] for s in seeds])),
         }
     _print_tables(table, timing)
+    cost = cost_report(study)
+    programs = {
+        m: {
+            "base_steps_per_call": cfg.segment_steps,
+            "calls_per_run": cfg.meta_steps // cfg.segment,
+            "host_transfer_ops": host_transfer_ops(study.programs[m].compiled.as_text()),
+        }
+        for m in methods
+    }
+    for m, step in study.steps.items():  # did the zero-hypergradient branch ever run?
+        if m in programs:
+            programs[m]["zero_hypergradient_warned"] = step._zero_once.done
+    print(
+        f"\ncost of one step, compiled (ratios to one LM step on {cfg.keep} windows; XLA FLOPs, "
+        "median wall time):"
+    )
+    for key, c in cost.items():
+        print(f"  {key:>22}: FLOPs {c['flops_ratio']:6.3f}×  time {c['time_ratio']:6.3f}×")
+    print(
+        f"every method runs {cfg.segment_steps} base steps per call of one compiled program; "
+        "host transfer ops in those programs (unconditional/in a cond branch): "
+        + ", ".join(
+            f"{m} {p['host_transfer_ops']['unconditional']}/{p['host_transfer_ops']['conditional']}"
+            for m, p in programs.items()
+        )
+    )
     pool = {
         s: float(np.mean(data.gen_train_src == data.source_names.index(s)))
         for s in data.generic_names
@@ -1037,6 +1148,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "table": table,
         "source_mix": mix,
         "timing": timing,
+        "cost": cost,
+        "programs": programs,
         "compile_s": {
             p.name: p.compile_s
             for p in [

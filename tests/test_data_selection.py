@@ -4,6 +4,7 @@ LTR weights against a loop of per-example gradients in float64, CDS scores again
 NLL, the two-phase bilevel call against ``step.__call__``, the weight statistics against closed
 forms, and the document-level generic hold-out."""
 
+import json
 import math
 
 import jax
@@ -62,7 +63,7 @@ def test_quick_records_every_method_and_regime(tmp_path):
         )
         assert r["timing"][m]["per_step_s"] > 0
     assert r["timing"]["uniform"]["ratio_to_uniform"] == 1.0
-    for m in ("mwn", "dds", "soba", "sama"):  # the bilevel runs skipped nothing
+    for m in ("mwn", "dds", "soba", "sama", "classifier"):  # the bilevel runs skipped nothing
         assert run[m]["skipped_base"] == 0 and run[m]["skipped_meta"] == 0
         w = run[m]["weights"]
         assert 0 < w["entropy"] <= 1 + 1e-9 and 0 < w["ess"] <= 1 + 1e-9
@@ -73,6 +74,45 @@ def test_quick_records_every_method_and_regime(tmp_path):
         "Selection(score_fn=cnn_score, keep=16, rule='top_k'"
     )
     assert r["config"]["lm_tx"] == "optax.adam(0.003)"
+    assert "0x" not in json.dumps(r["steps"]) and r["steps"]["soba"].startswith("BilevelStep(")
+    # cost: one compiled program per segment, no host round-trip; meta steps cost more FLOPs
+    # than an LM step (each needs at least the LM's backward pass on the meta batch)
+    for m in expected:
+        ops = r["programs"][m]["host_transfer_ops"]
+        assert ops["unconditional"] == 0, m
+        # the bilevel steps keep one callback, in the branch taken on an exactly-0
+        # hypergradient (bilevel_step's warning), which never ran here
+        assert ops["conditional"] == (m in ("mwn", "dds", "soba", "sama", "classifier")), m
+        assert r["programs"][m].get("zero_hypergradient_warned") in (None, False), m
+        assert r["programs"][m]["base_steps_per_call"] == r["config"]["segment"] * 4
+    cost = r["cost"]
+    assert cost["lm_step"]["flops_ratio"] == 1.0 and cost["lm_step"]["time_ratio"] == 1.0
+    assert cost["selection_step"]["flops_ratio"] > 1.0  # + scoring the big batch
+    for m in ("mwn", "dds", "soba", "sama"):
+        assert cost[f"meta_step:{m}"]["flops_ratio"] > 1.0, m
+    assert cost["meta_step:soba"]["flops_ratio"] > cost["meta_step:sama"]["flops_ratio"]
+
+
+def test_host_transfer_ops_sees_a_callback():
+    def plain(x):
+        return jnp.sin(x) * 2
+
+    def with_callback(x):
+        y = jax.pure_callback(np.sin, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+        return y * 2
+
+    def in_branch(x):
+        return jax.lax.cond(x[0] > 0, with_callback, plain, x)
+
+    def ops(fn):
+        hlo = jax.jit(fn).lower(jnp.ones(3)).compile().as_text()
+        assert hlo is not None
+        return dsel.host_transfer_ops(hlo)
+
+    assert ops(plain) == {"unconditional": 0, "conditional": 0}
+    assert ops(with_callback)["unconditional"] >= 1
+    got = ops(in_branch)
+    assert got["conditional"] >= 1 and got["unconditional"] == 0, got
 
 
 def test_ltr_weights_match_a_per_example_gradient_loop(x64):
