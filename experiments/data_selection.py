@@ -3,8 +3,9 @@ r"""Learning the training distribution of a byte LM under domain shift: online d
 ::
 
     python -m experiments.data_selection [--quick] [--seeds N ...] [--target NAME] [--english-only]
-                                         [--methods M ...] [--base-steps N | --meta-steps N]
-                                         [--json PATH] [--no-progress]
+                                         [--rule top_k|sample] [--methods M ...]
+                                         [--base-steps N | --meta-steps N] [--json PATH]
+                                         [--no-progress]
 
 The study of Grangier, Ablin & Hannun, "Bilevel Optimization to Learn Training Distributions for
 Language Modeling under Domain Shift" (arXiv:2311.11973), scaled to two CPU cores. A byte-level
@@ -128,6 +129,11 @@ class Config:
         ``K · segment``); also the CDS fine-tuning length.
       cds_steps: generic pre-training steps of the CDS reference LM (a multiple of ``K · segment``).
       mix_specific: β of ``mixing``.
+      generic_per_source: windows drawn from each generic source into the pool
+        (``load_text_domains(generic_per_source=)``; a source with fewer gives all it has). The
+        pool should be several times ``keep/big_batch`` × the windows trained on, or the top-k
+        methods keep revisiting one small subset (a first run with 1,000 per source did: see
+        ``experiments/README.md``).
       generic_valid_per_source: held-out generic windows per source (whole documents held out).
       eval_chunk: windows per evaluation call (one compiled shape for every evaluation).
       lm_tx, finetune_tx, meta_tx, classifier_tx, z_tx: the optimizers (θ in pre-training, θ in
@@ -154,6 +160,7 @@ class Config:
     finetune_steps: int = 128
     cds_steps: int = 256
     mix_specific: float = 0.1
+    generic_per_source: int = 5000
     generic_valid_per_source: int = 100
     eval_chunk: int = 256
     lm_tx: harness.Recipe = harness.Recipe(optax.adam, 3e-3)
@@ -182,6 +189,7 @@ QUICK: dict[str, Any] = dict(
     segment=4,
     finetune_steps=16,
     cds_steps=16,
+    generic_per_source=1000,
     generic_valid_per_source=40,
     dim=32,
     heads=2,
@@ -1023,6 +1031,13 @@ CLI.add_argument(
     "--english-only", action="store_true", help="drop code (python) from the generic pool"
 )
 CLI.add_argument(
+    "--rule",
+    default=Config.rule,
+    choices=("top_k", "sample"),
+    help="the selection rule of dds/soba/sama (default top_k; sample: k drawn ∝ softmax of the "
+    "scores without replacement, the reference code's default)",
+)
+CLI.add_argument(
     "--methods",
     nargs="+",
     default=None,
@@ -1046,13 +1061,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"{meta_steps} meta steps: must be a multiple of the segment of {cfg.segment} meta "
             f"steps ({cfg.segment_steps} base steps)"
         )
-    cfg = dataclasses.replace(cfg, meta_steps=meta_steps)
+    cfg = dataclasses.replace(cfg, meta_steps=meta_steps, rule=args.rule)
     methods = list(METHODS if args.methods is None else dict.fromkeys(["uniform", *args.methods]))
     if "soba" in methods:
         methods.append("transfer")
     t_load = time.perf_counter()
     ds = text_data.load_text_domains(
-        args.target, context=cfg.context, english_only=args.english_only, seed=cfg.data_seed
+        args.target,
+        context=cfg.context,
+        english_only=args.english_only,
+        seed=cfg.data_seed,
+        generic_per_source=cfg.generic_per_source,
     )
     for source in ds.sources:
         run_.data(source)
