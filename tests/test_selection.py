@@ -642,5 +642,45 @@ def test_phases_is_step_call_with_the_kept_indices():
         assert len(set(np.asarray(base.selected[j]).tolist())) == 3
 
 
+def test_fit_checkpoint_and_resume_with_a_random_selection(tmp_path):
+    """fit with a checkpoint every 2 meta steps, interrupted after 3, resumed to 6: bit-identical
+    to 6 uninterrupted calls of the jitted step (the sampling keys come from the saved rng)."""
+    import itertools
+
+    sel = bs.Selection(score_fn=score, keep=0.5, rule="sample", meta_batch="random")
+    step = bj.bilevel_step(
+        weighted_loss,
+        meta_loss,
+        optax.adam(1e-2),
+        optax.adam(1e-2),
+        bj.soba(z_tx=optax.adam(1e-2)),
+        selection=sel,
+        train_loss=train_loss,
+    )
+    big, meta = _data(steps=6, dtype=jnp.float32)
+    th0, lam0 = _init(jnp.float32)
+
+    def fresh():
+        return step.init(th0, lam0, rng=jax.random.PRNGKey(3))
+
+    def batches(start):  # the factory form: positioned after `start` meta steps
+        return (jax.tree.map(lambda a, t=t: a[t], big) for t in range(start, 6))
+
+    ref = fresh()
+    jstep = jax.jit(step)
+    for t in range(6):
+        ref, _ = jstep(ref, jax.tree.map(lambda a, t=t: a[t], big), meta)
+    ckpt = bj.checkpoint.Checkpointer(tmp_path / "ckpt")
+    kw = dict(checkpointer=ckpt, checkpoint_every=2, progress=False)
+    half, _ = bj.fit(step, fresh(), batches, itertools.repeat(meta), num_meta_steps=3, **kw)
+    assert ckpt.latest_step() == 3 and int(half.meta_steps) == 3
+    done, hist = bj.fit(
+        step, fresh(), batches, itertools.repeat(meta), num_meta_steps=6, resume=True, **kw
+    )
+    assert [r["meta_steps"] for r in hist] == [4, 5, 6]
+    assert _bytes_equal(done, ref)
+    ckpt.close()
+
+
 if __name__ == "__main__" and "--dp-worker" in sys.argv:
     _dp_worker()
