@@ -18,7 +18,8 @@ The namespace, one name per thing:
   solver (``custom_root``, ``custom_fixed_point``) and the adaptation rules (``adapt``,
   ``describe``);
 - submodules: ``hypergrad``, ``adaptation``, ``implicit_diff``, ``linalg``, ``parallel``,
-  ``distributed``, ``selection`` (online data selection), ``nnx`` (Flax NNX helpers) and
+  ``distributed``, ``selection`` (online data selection), ``influence`` (data influence as
+  hypergradients), ``nnx`` (Flax NNX helpers) and
   ``checkpoint`` (orbax; imported on first use, so ``import bilevel_jax`` does not import orbax).
 
 Example:
@@ -37,6 +38,7 @@ from bilevel_jax import (
     distributed,
     hypergrad,
     implicit_diff,
+    influence,
     linalg,
     nnx,
     parallel,
@@ -142,6 +144,7 @@ __all__ = [
     "implicit_diff",
     "init_bilevel_state",
     "itd",
+    "influence",
     "linalg",
     "meta_grad",
     "neumann",
