@@ -132,8 +132,8 @@ class SOBA(MethodBase):
       >>> SOBA(rho=0.05)
       SOBA(rho=0.05, name='soba')
       >>> import optax
-      >>> SOBA(rho=None, z_tx=optax.adam(1e-3), fused=True)
-      SOBA(rho=None, z_tx=transform, fused=True, name='soba')
+      >>> SOBA(rho=None, z_tx=optax.sgd(1e-3), fused=True)
+      SOBA(rho=None, z_tx=chain(identity, scale(step_size=-0.001)), fused=True, name='soba')
     """
 
     rho: float | Callable[[Any], Any] | None = 0.01
