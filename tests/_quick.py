@@ -21,9 +21,14 @@ def run_study(
 ) -> dict:
     """``python -m module --quick ... --json tmp_path/stem.json``: its JSON (the PNG is checked).
 
-    ``data``: the study reads a data file (False: its data are synthetic)."""
+    ``data``: the study reads a data file (False: its data are synthetic). The run skips XLA's
+    expensive optimisations (``fast_compile``): these runs are compile-bound smoke tests, and
+    none of their checks is about speed or memory (measured on the data-selection quick run:
+    122 s → 92 s)."""
     out = tmp_path / f"{stem}.json"
-    proc = run_module(module, "--quick", *args, "--json", str(out), timeout=timeout)
+    proc = run_module(
+        module, "--quick", *args, "--json", str(out), timeout=timeout, fast_compile=True
+    )
     assert ("sha256=" in proc.stdout) == data  # the data file read is reported
     assert (tmp_path / f"{stem}.png").stat().st_size > 0
     r = json.loads(out.read_text())

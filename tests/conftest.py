@@ -11,6 +11,18 @@ def x64():
         yield
 
 
+@pytest.fixture
+def fast_compile():
+    """Skip XLA's expensive optimisation passes for the test body (a study's in-process smoke
+    run: compile-bound, and checked for what it records, not for its speed or memory)."""
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", old)
+
+
 # Helper modules (subprocess workers, shared problems) are not test modules; keep
 # --doctest-modules from importing them (a worker configures devices at import).
 collect_ignore_glob = ["_*.py"]

@@ -30,7 +30,7 @@ def _windows(seed, n, length=7):
     return jax.random.randint(jax.random.key(seed), (n, length), 0, 256, jnp.int32)
 
 
-def test_quick_records_every_method_and_regime(tmp_path):
+def test_quick_records_every_method_and_regime(tmp_path, fast_compile):
     out = tmp_path / "ds.json"
     r = dsel.main(["--quick", "--no-progress", "--json", str(out)])
     assert out.exists() and (tmp_path / "ds.png").stat().st_size > 0
