@@ -14,6 +14,7 @@ PUBLIC_MODULES = (
     "hypergrad",
     "linalg",
     "selection",
+    "influence",
     "adaptation",
     "implicit_diff",
     "parallel",

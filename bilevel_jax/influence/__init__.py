@@ -14,7 +14,99 @@ with ``L(θ; w) = (1/n) Σ_i w_i ℓ_i(θ) + R(θ)``, ``H = ∇²_θ L``, ``g_i 
 Large-Scale Machine Learning", ch. 4) is ``influence``; gradient dot products (H = I) are
 ``g_fᵀ g_i``.
 
->>> import bilevel_jax as bj
->>> bj.influence.__name__
-'bilevel_jax.influence'
+Modules (every name is also exported here):
+
+- :mod:`~bilevel_jax.influence.exact` — ``influence`` (exact, any curvature: Hessian,
+  Gauss–Newton, empirical Fisher, identity; dense or CG) and ``forward_influence`` (one solve and
+  SAMA's central difference give the influence of every training example on one aggregate query);
+- :mod:`~bilevel_jax.influence.logra` — LoGra's Kronecker-projected per-example gradients: the
+  generic path (``vmap(grad)`` then ``P_inᵀ G P_out``) and the ``nnx.Linear`` adapter that never
+  forms a full per-example gradient; random and KFAC-PCA bases;
+- :mod:`~bilevel_jax.influence.store` — the resumable on-disk store of projected gradients;
+- :mod:`~bilevel_jax.influence.scoring` — the projected Fisher, damping after the fact, streamed
+  block scoring (dot, influence, RelatIF, cosine, self-influence) and top-k;
+- :mod:`~bilevel_jax.influence.evaluate` — the linear datamodeling score and brittleness masks.
+
+>>> import jax.numpy as jnp, bilevel_jax as bj
+>>> x, y = jnp.array([[1.0], [2.0], [3.0]]), jnp.array([1.0, 2.0, 2.0])
+>>> loss = lambda th, b: 0.5 * (b[0] @ th - b[1]) ** 2          # per-example squared error
+>>> theta = jnp.linalg.solve(x.T @ x, x.T @ y)                  # the trained model
+>>> bj.influence.influence(loss, theta, (x, y), (x[:1], y[:1])).shape  # (queries, train)
+(1, 3)
 """
+
+from bilevel_jax.influence.evaluate import (
+    lds,
+    retrain_on_masks,
+    spearman,
+    subset_masks,
+    top_k_removal_masks,
+)
+from bilevel_jax.influence.exact import CURVATURES, forward_influence, influence
+from bilevel_jax.influence.logra import (
+    Covariances,
+    Projection,
+    flatten_projected,
+    kfac_covariances,
+    logra_gradients,
+    logra_linear,
+    pca_projections,
+    per_example_grads,
+    project_gradients,
+    random_projection,
+    random_projections,
+    with_logra,
+)
+from bilevel_jax.influence.scoring import (
+    FisherEigen,
+    TopK,
+    default_damping,
+    fisher_eigh,
+    precondition,
+    projected_fisher,
+    score_store,
+    self_influence,
+    top_k_influence,
+)
+from bilevel_jax.influence.store import (
+    GradientStore,
+    StoreCorruptError,
+    StoreMismatchError,
+    tree_checksum,
+)
+
+__all__ = [
+    "CURVATURES",
+    "Covariances",
+    "FisherEigen",
+    "GradientStore",
+    "Projection",
+    "StoreCorruptError",
+    "StoreMismatchError",
+    "TopK",
+    "default_damping",
+    "fisher_eigh",
+    "flatten_projected",
+    "forward_influence",
+    "influence",
+    "kfac_covariances",
+    "lds",
+    "logra_gradients",
+    "logra_linear",
+    "pca_projections",
+    "per_example_grads",
+    "precondition",
+    "project_gradients",
+    "projected_fisher",
+    "random_projection",
+    "random_projections",
+    "retrain_on_masks",
+    "score_store",
+    "self_influence",
+    "spearman",
+    "subset_masks",
+    "top_k_influence",
+    "top_k_removal_masks",
+    "tree_checksum",
+    "with_logra",
+]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from bilevel_jax.influence import lds as L
+from bilevel_jax.influence import evaluate as L
 
 
 @pytest.mark.parametrize("ties", [False, True])
