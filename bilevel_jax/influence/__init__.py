@@ -22,6 +22,10 @@ Modules (every name is also exported here):
 - :mod:`~bilevel_jax.influence.logra` — LoGra's Kronecker-projected per-example gradients: the
   generic path (``vmap(grad)`` then ``P_inᵀ G P_out``) and the ``nnx.Linear`` adapter that never
   forms a full per-example gradient; random and KFAC-PCA bases;
+- :mod:`~bilevel_jax.influence.kfac` — KFAC and EKFAC influence per linear layer (the
+  Kronecker eigenbasis of the forward/backward covariances, EKFAC's corrected eigenvalues);
+- :mod:`~bilevel_jax.influence.baselines` — gradient dot product, TRAK-style random projection,
+  representation similarity;
 - :mod:`~bilevel_jax.influence.store` — the resumable on-disk store of projected gradients;
 - :mod:`~bilevel_jax.influence.scoring` — the projected Fisher, damping after the fact, streamed
   block scoring (dot, influence, RelatIF, cosine, self-influence) and top-k;
@@ -35,6 +39,7 @@ Modules (every name is also exported here):
 (1, 3)
 """
 
+from bilevel_jax.influence.baselines import grad_dot, representation_similarity, trak_scores
 from bilevel_jax.influence.evaluate import (
     lds,
     retrain_on_masks,
@@ -43,6 +48,15 @@ from bilevel_jax.influence.evaluate import (
     top_k_removal_masks,
 )
 from bilevel_jax.influence.exact import CURVATURES, forward_influence, influence
+from bilevel_jax.influence.kfac import (
+    KronEigen,
+    ekfac_eigenvalues,
+    ekfac_influence,
+    kfac_eigenbasis,
+    kfac_influence,
+    kfac_precondition,
+    layer_gradients,
+)
 from bilevel_jax.influence.logra import (
     Covariances,
     Projection,
@@ -76,6 +90,16 @@ from bilevel_jax.influence.store import (
 )
 
 __all__ = [
+    "trak_scores",
+    "representation_similarity",
+    "grad_dot",
+    "layer_gradients",
+    "kfac_precondition",
+    "kfac_influence",
+    "kfac_eigenbasis",
+    "ekfac_influence",
+    "ekfac_eigenvalues",
+    "KronEigen",
     "CURVATURES",
     "Covariances",
     "FisherEigen",
