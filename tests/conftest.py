@@ -13,8 +13,10 @@ def x64():
 
 @pytest.fixture
 def fast_compile():
-    """Skip XLA's expensive optimisation passes for the test body (a study's in-process smoke
-    run: compile-bound, and checked for what it records, not for its speed or memory)."""
+    """Skip XLA's expensive optimisation passes for the test body: a study's in-process smoke
+    run (compile-bound, checked for what it records, not for its speed or memory), or a
+    compile-bound comparison of two computations whose agreement does not depend on XLA's
+    optimisations (the LTR weights against a per-example loop: 28 s → 9 s)."""
     old = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", True)
     try:

@@ -115,7 +115,7 @@ def test_host_transfer_ops_sees_a_callback():
     assert got["conditional"] >= 1 and got["unconditional"] == 0, got
 
 
-def test_ltr_weights_match_a_per_example_gradient_loop(x64):
+def test_ltr_weights_match_a_per_example_gradient_loop(x64, fast_compile):
     lm_def, theta = _tiny_lm()
     theta = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), theta)
     x, meta = _windows(1, 7), _windows(2, 3)
