@@ -22,12 +22,6 @@ from experiments import data
 # ----------------------------------------------------------------- problems and numpy oracles
 
 
-@pytest.fixture(autouse=True)
-def _fast(fast_compile):
-    """Compile-bound float64 comparisons with tolerances far above rounding: XLA's expensive
-    optimisation passes are skipped (tests/conftest.py, ``fast_compile``)."""
-
-
 def ridge_loss(th, b):
     return 0.5 * (b["x"] @ th - b["y"]) ** 2
 

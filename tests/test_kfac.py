@@ -23,12 +23,6 @@ from bilevel_jax.influence.exact import influence as exact_influence
 F64 = jnp.float64
 
 
-@pytest.fixture(autouse=True)
-def _fast(fast_compile):
-    """Compile-bound float64 comparisons with tolerances far above rounding: XLA's expensive
-    optimisation passes are skipped (tests/conftest.py, ``fast_compile``)."""
-
-
 class SeqMLP(nnx.Module):
     """tanh MLP of nnx.Linear layers applied to the last axis (so per position of a sequence)."""
 

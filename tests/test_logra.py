@@ -18,12 +18,6 @@ from bilevel_jax.influence import logra as lg
 F64 = jnp.float64
 
 
-@pytest.fixture(autouse=True)
-def _fast(fast_compile):
-    """Compile-bound float64 comparisons with tolerances far above rounding: XLA's expensive
-    optimisation passes are skipped (tests/conftest.py, ``fast_compile``)."""
-
-
 class SeqMLP(nnx.Module):
     """tanh MLP of nnx.Linear layers, applied to the last axis (so per position of a sequence)."""
 
