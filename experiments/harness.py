@@ -250,13 +250,18 @@ class Recipe:
     Optimizers print no settings of their own, so a study builds them from recipes and records
     ``repr(recipe)``: ``Recipe(optax.adam, 1e-3, eps_root=1e-8)`` builds
     ``optax.adam(1e-3, eps_root=1e-8)`` and prints as ``optax.adam(0.001, eps_root=1e-08)``.
+    Arguments that are recipes are built first, so a chain is a recipe of recipes:
+    ``Recipe(optax.chain, Recipe(optax.add_decayed_weights, 1e-3), Recipe(optax.sgd, 0.03))``
+    prints as ``optax.chain(optax.add_decayed_weights(0.001), optax.sgd(0.03))``.
     """
 
     def __init__(self, fn: Callable, *args: Any, **kwargs: Any):
         self.fn, self.args, self.kwargs = fn, args, kwargs
 
     def __call__(self) -> Any:
-        return self.fn(*self.args, **self.kwargs)
+        build = lambda a: a() if isinstance(a, Recipe) else a  # noqa: E731
+        args = [build(a) for a in self.args]
+        return self.fn(*args, **{k: build(v) for k, v in self.kwargs.items()})
 
     def __repr__(self) -> str:
         package = (getattr(self.fn, "__module__", None) or "").split(".")[0]

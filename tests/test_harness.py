@@ -130,6 +130,23 @@ def test_to_json_records_settings_from_the_objects():
     assert isinstance(tx(), optax.GradientTransformation)  # the recipe builds what it prints
 
 
+def test_a_recipe_of_recipes_builds_the_chain_it_prints():
+    import jax.numpy as jnp
+
+    tx = harness.Recipe(
+        optax.chain,
+        harness.Recipe(optax.add_decayed_weights, 0.1),
+        harness.Recipe(optax.sgd, 0.5, momentum=0.9),
+    )
+    assert repr(tx) == "optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.5, momentum=0.9))"
+    built = optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.5, momentum=0.9))
+    p, g = jnp.array([1.0, -2.0]), jnp.array([0.3, 0.4])
+    got, _ = tx().update(g, tx().init(p), p)
+    want, _ = built.update(g, built.init(p), p)
+    assert jnp.array_equal(got, want)  # -0.5 * (g + 0.1 p): decay before the step
+    assert jnp.allclose(got, -0.5 * (g + 0.1 * p))
+
+
 def test_to_json_expands_the_studies_configs_only():
     from experiments.noisy_labels_demo import Config
 

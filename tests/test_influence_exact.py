@@ -165,6 +165,33 @@ def test_jit_and_traced_damping(x64):
     _close(fn(theta, 0.5), _oracle(gq, hess, g, 0.5), 1e-12)
 
 
+def test_repeated_calls_compile_once(x64):
+    """The same losses and settings reuse one compiled program: a new θ, new data of the same
+    shapes or a new damping do not recompile (each call used to jit a fresh closure)."""
+    from bilevel_jax.influence import exact
+
+    theta, train, test, reg, g, gq, hess = _ridge()
+    traces = []
+
+    def loss(th, b):  # counts its traces; the input checks trace it too (abstractly)
+        traces.append(1)
+        return ridge_loss(th, b)
+
+    exact._jit_of.cache_clear()
+    first = influence(loss, theta, train, test, regularizer=reg, damping=0.1)
+    after_first = len(traces)
+    second = influence(loss, 2 * theta, train, test, regularizer=reg, damping=0.5)
+    during_second = len(traces) - after_first
+    info = exact._jit_of.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+    assert during_second < after_first  # only the input checks traced it again
+    _close(first, _oracle(gq, hess, g, 0.1), 1e-12)
+    assert not np.allclose(first, second)
+    fwd = [forward_influence(loss, theta, train, test, regularizer=reg) for _ in range(2)]
+    assert exact._jit_of.cache_info().hits == 2
+    np.testing.assert_array_equal(fwd[0], fwd[1])
+
+
 # ----------------------------------------------------------------- leave-one-out retraining
 
 

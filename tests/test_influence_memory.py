@@ -24,3 +24,5 @@ def test_quick_kronecker_memory_does_not_grow_like_the_parameters(tmp_path):
     for row in rows:
         assert row["kronecker"]["temp_bytes"] < row["generic"]["temp_bytes"] / 5, row
         assert row["projected_dim"] == 3 * im.K * im.K  # three layers of k × k
+        # throughput was measured (its value is a benchmark figure, not asserted here)
+        assert row["kronecker"]["examples_per_s"] > 0 and row["generic"]["examples_per_s"] > 0

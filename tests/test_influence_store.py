@@ -342,3 +342,24 @@ def test_default_damping_and_eigendecomposition_reuse():
         scoring.precondition(singular, Q[:, :2], damping=0.0)
     with pytest.raises(ValueError, match="the Fisher is zero"):
         scoring.score_store(np.zeros((3, D)), Q)
+
+
+def test_fisher_eigh_and_precondition_under_jit():
+    """The whole projected-Fisher pipeline compiles as one program: eigh, default δ and the
+    preconditioning under ``jax.jit`` equal the eager call (and its dense oracle)."""
+    import jax
+
+    G, _ = _data()
+    Q = np.random.default_rng(3).normal(size=(4, D)).astype(np.float32)
+
+    def pipeline(G, Q):
+        eig = scoring.fisher_eigh(G.T @ G / G.shape[0])
+        return scoring.precondition(eig, Q), scoring.default_damping(eig)
+
+    (got, delta), (want, want_delta) = jax.jit(pipeline)(G, Q), pipeline(G, Q)
+    assert isinstance(want_delta, float)  # eager: a Python float
+    np.testing.assert_allclose(float(delta), want_delta, rtol=1e-5)
+    _close(np.asarray(got), np.asarray(want), rtol=1e-4)
+    F64 = G.astype(np.float64).T @ G.astype(np.float64) / N
+    dense = Q @ np.linalg.inv(F64 + want_delta * np.eye(D))
+    _close(np.asarray(got), dense, rtol=1e-3)

@@ -73,6 +73,7 @@ Example: exact influence is ``−n`` times the hypergradient of ``bj.exact()``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, Literal
@@ -340,6 +341,150 @@ def _raise_if_nonfinite(out: jax.Array, fn: str, damping: Any) -> None:
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _jit_of(factory: Callable, key: tuple) -> Callable:
+    return jax.jit(factory(*key))
+
+
+def _cached_jit(factory: Callable, *key: Any) -> Callable:
+    """``jax.jit(factory(*key))``, the same jitted function for equal keys (so repeated calls
+    with the same losses and settings compile once); built afresh when a key is unhashable."""
+    try:
+        hash(key)
+    except TypeError:
+        return jax.jit(factory(*key))
+    return _jit_of(factory, key)
+
+
+def _influence_core(
+    per_example_loss,
+    query_loss,
+    regularizer,
+    curvature,
+    solver,
+    maxiter,
+    tol,
+    outputs_fn,
+    output_loss,
+    m,
+    n,
+    scalar_query,
+):
+    """:func:`influence`'s computation for one static configuration (jitted and cached)."""
+
+    def core(params, train_batch, query_batch, damping):
+        x, unravel = ravel_pytree(params)
+        train = lambda y: per_example_loss(unravel(y), train_batch)  # noqa: E731
+        if query_loss is None:
+            query_vec = lambda y: per_example_loss(unravel(y), query_batch)  # noqa: E731
+        else:
+            ql = query_loss
+            query_vec = lambda y: jnp.reshape(ql(unravel(y), query_batch), (m,))  # noqa: E731
+        matvec = _curvature_matvec(
+            curvature,
+            per_example_loss,
+            regularizer,
+            outputs_fn,
+            output_loss,
+            unravel,
+            x,
+            train_batch,
+            damping,
+        )
+        solve = lambda rhs: _solve(  # noqa: E731
+            matvec,
+            rhs,
+            curvature=curvature,
+            damping=damping,
+            solver=solver,
+            maxiter=maxiter,
+            tol=tol,
+        )
+
+        if m <= n:  # solve for the queries, then JVPs of the training losses: (m, n)
+            if query_loss is None:
+                g_query = _per_example_grads(
+                    lambda y, b: per_example_loss(unravel(y), b), x, query_batch
+                )
+            else:
+                g_query = jax.jacrev(query_vec)(x)
+            v = solve(g_query)
+            out = jax.vmap(lambda vq: jax.jvp(train, (x,), (vq,))[1])(v)
+        else:  # fewer training examples: solve for them, then JVPs of the query losses
+            g_train = _per_example_grads(
+                lambda y, b: per_example_loss(unravel(y), b), x, train_batch
+            )
+            u = solve(g_train)
+            out = jax.vmap(lambda ui: jax.jvp(query_vec, (x,), (ui,))[1])(u).T
+        if scalar_query:
+            out = out[0]
+        return out
+
+    return core
+
+
+def _forward_core(
+    per_example_loss,
+    query_loss,
+    regularizer,
+    curvature,
+    solver,
+    maxiter,
+    tol,
+    alpha,
+    difference,
+    outputs_fn,
+    output_loss,
+    n,
+):
+    """:func:`forward_influence`'s computation for one static configuration (jitted, cached)."""
+    if query_loss is None:
+        f = lambda p, q: jnp.mean(per_example_loss(p, q))  # noqa: E731
+    else:
+        f = query_loss
+
+    def core(params, train_batch, query_batch, damping):
+        x, unravel = ravel_pytree(params)
+        g_f = ravel_pytree(jax.grad(f)(params, query_batch))[0]
+        matvec = _curvature_matvec(
+            curvature,
+            per_example_loss,
+            regularizer,
+            outputs_fn,
+            output_loss,
+            unravel,
+            x,
+            train_batch,
+            damping,
+        )
+        v = _solve(
+            matvec,
+            g_f[None],
+            curvature=curvature,
+            damping=damping,
+            solver=solver,
+            maxiter=maxiter,
+            tol=tol,
+        )[0]
+
+        # the bilevel problem's base loss L(θ; w); λ = w = 1
+        def base_loss(theta, w, batch):
+            value = jnp.mean(w * per_example_loss(theta, batch))
+            return value if regularizer is None else value + regularizer(theta)
+
+        w = jnp.ones((n,), jnp.promote_types(x.dtype, jnp.float32))
+        if difference == "jvp":
+            h, _, _ = forward_mixed_product(base_loss, params, w, train_batch, unravel(v), 1.0)
+        else:
+            h, _, _ = central_difference(
+                base_loss, params, w, train_batch, unravel(v), alpha, difference=difference
+            )
+        out = -n * h  # h = −(∂²L/∂w∂θ) v, so influence = −n·h (the hypergradient is h)
+        return out
+
+    return core
+
+
 # --------------------------------------------------------------------------- public functions
 
 
@@ -473,55 +618,22 @@ def influence(
         scalar_query = out.ndim == 0
         m = 1 if scalar_query else out.shape[0]
 
-    def core(params, train_batch, query_batch, damping):
-        x, unravel = ravel_pytree(params)
-        train = lambda y: per_example_loss(unravel(y), train_batch)  # noqa: E731
-        if query_loss is None:
-            query_vec = lambda y: per_example_loss(unravel(y), query_batch)  # noqa: E731
-        else:
-            ql = query_loss
-            query_vec = lambda y: jnp.reshape(ql(unravel(y), query_batch), (m,))  # noqa: E731
-        matvec = _curvature_matvec(
-            curvature,
-            per_example_loss,
-            regularizer,
-            outputs_fn,
-            output_loss,
-            unravel,
-            x,
-            train_batch,
-            damping,
-        )
-        solve = lambda rhs: _solve(  # noqa: E731
-            matvec,
-            rhs,
-            curvature=curvature,
-            damping=damping,
-            solver=solver,
-            maxiter=maxiter,
-            tol=tol,
-        )
-
-        if m <= n:  # solve for the queries, then JVPs of the training losses: (m, n)
-            if query_loss is None:
-                g_query = _per_example_grads(
-                    lambda y, b: per_example_loss(unravel(y), b), x, query_batch
-                )
-            else:
-                g_query = jax.jacrev(query_vec)(x)
-            v = solve(g_query)
-            out = jax.vmap(lambda vq: jax.jvp(train, (x,), (vq,))[1])(v)
-        else:  # fewer training examples: solve for them, then JVPs of the query losses
-            g_train = _per_example_grads(
-                lambda y, b: per_example_loss(unravel(y), b), x, train_batch
-            )
-            u = solve(g_train)
-            out = jax.vmap(lambda ui: jax.jvp(query_vec, (x,), (ui,))[1])(u).T
-        if scalar_query:
-            out = out[0]
-        return out
-
-    out = jax.jit(core)(params, train_batch, query_batch, damping)
+    core = _cached_jit(
+        _influence_core,
+        per_example_loss,
+        query_loss,
+        regularizer,
+        curvature,
+        solver,
+        maxiter,
+        tol,
+        outputs_fn,
+        output_loss,
+        m,
+        n,
+        scalar_query,
+    )
+    out = core(params, train_batch, query_batch, damping)
     _raise_if_nonfinite(out, fn, damping)
     return out
 
@@ -634,7 +746,6 @@ def forward_influence(
         _check_per_example(
             per_example_loss, "per_example_loss", params, query_batch, m, "query_batch"
         )
-        f = lambda p, q: jnp.mean(per_example_loss(p, q))  # noqa: E731
     else:
         out = _out_shape(
             query_loss, "query_loss", "query_loss(params, query_batch)", params, query_batch
@@ -645,51 +756,26 @@ def forward_influence(
                 f"query such as the mean test loss); got shape {out.shape}. For many queries "
                 "use influence()"
             )
-        f = lambda p, q: query_loss(p, q)  # noqa: E731
 
     if alpha is None:
         dtype = jnp.result_type(*jax.tree.leaves(params))
         alpha = float(jnp.finfo(jnp.promote_types(dtype, jnp.float32)).eps) ** (1 / 3)
 
-    def core(params, train_batch, query_batch, damping):
-        x, unravel = ravel_pytree(params)
-        g_f = ravel_pytree(jax.grad(f)(params, query_batch))[0]
-        matvec = _curvature_matvec(
-            curvature,
-            per_example_loss,
-            regularizer,
-            outputs_fn,
-            output_loss,
-            unravel,
-            x,
-            train_batch,
-            damping,
-        )
-        v = _solve(
-            matvec,
-            g_f[None],
-            curvature=curvature,
-            damping=damping,
-            solver=solver,
-            maxiter=maxiter,
-            tol=tol,
-        )[0]
-
-        # the bilevel problem's base loss L(θ; w); λ = w = 1
-        def base_loss(theta, w, batch):
-            value = jnp.mean(w * per_example_loss(theta, batch))
-            return value if regularizer is None else value + regularizer(theta)
-
-        w = jnp.ones((n,), jnp.promote_types(x.dtype, jnp.float32))
-        if difference == "jvp":
-            h, _, _ = forward_mixed_product(base_loss, params, w, train_batch, unravel(v), 1.0)
-        else:
-            h, _, _ = central_difference(
-                base_loss, params, w, train_batch, unravel(v), alpha, difference=difference
-            )
-        out = -n * h  # h = −(∂²L/∂w∂θ) v, so influence = −n·h (the hypergradient is h)
-        return out
-
-    out = jax.jit(core)(params, train_batch, query_batch, damping)
+    core = _cached_jit(
+        _forward_core,
+        per_example_loss,
+        query_loss,
+        regularizer,
+        curvature,
+        solver,
+        maxiter,
+        tol,
+        alpha,
+        difference,
+        outputs_fn,
+        output_loss,
+        n,
+    )
+    out = core(params, train_batch, query_batch, damping)
     _raise_if_nonfinite(out, fn, damping)
     return out

@@ -227,14 +227,17 @@ def fisher_eigh(fisher: Any) -> FisherEigen:
         F = F.astype(jnp.float32)
     if F.ndim != 2 or F.shape[0] != F.shape[1] or F.shape[0] < 1:
         raise ValueError(f"fisher_eigh: the Fisher must be a square (d, d) matrix, got {F.shape}")
-    if not bool(jnp.isfinite(F).all()):
+    finite = _concrete(jnp.isfinite(F).all())
+    if finite is not None and not finite:
         raise ValueError("fisher_eigh: the Fisher has non-finite entries")
     lam, vec = jnp.linalg.eigh((F + F.T) / 2)
     return FisherEigen(jnp.maximum(lam, 0), vec)
 
 
-def default_damping(fisher: FisherEigen) -> float:
+def default_damping(fisher: FisherEigen) -> float | jax.Array:
     """The LoGra thesis' default damping ``δ = 0.1 · mean(λ) = 0.1 · tr(F) / d``.
+
+    A Python float, or a traced scalar under ``jax.jit``.
 
     (Choe, PhD thesis ch. 4; LoGra, Choe et al. 2024.) Scale-aware: it grows with the gradients'
     magnitude, so ``(F + δI)⁻¹`` stays well conditioned (condition number at most
@@ -246,7 +249,9 @@ def default_damping(fisher: FisherEigen) -> float:
     0.2
     """
     _check_eigen(fisher, "default_damping")
-    return 0.1 * float(jnp.mean(fisher.eigenvalues))
+    delta = 0.1 * jnp.mean(fisher.eigenvalues)
+    value = _concrete(delta)
+    return delta if value is None else float(value)
 
 
 def _check_eigen(fisher: Any, caller: str) -> None:
@@ -257,12 +262,31 @@ def _check_eigen(fisher: Any, caller: str) -> None:
         )
 
 
-def _resolve_damping(fisher: FisherEigen, damping: float | None, caller: str) -> float:
+def _concrete(x: Any) -> np.ndarray | None:
+    """``x`` as a numpy array, or None inside a trace (value checks are skipped there)."""
+    try:
+        return np.asarray(x)
+    except jax.errors.TracerArrayConversionError:
+        return None
+
+
+def _resolve_damping(
+    fisher: FisherEigen, damping: float | None, caller: str
+) -> float | jax.Array:
+    """δ (given, or :func:`default_damping`), checked outside ``jit`` so that ``F + δI`` is
+    invertible; under ``jit`` (traced eigenvalues or δ) the checks are skipped."""
     _check_eigen(fisher, caller)
-    delta = default_damping(fisher) if damping is None else float(damping)
-    if not np.isfinite(delta) or delta < 0:
+    delta = default_damping(fisher) if damping is None else damping
+    d = _concrete(delta)
+    if d is None:
+        return delta
+    if d.ndim != 0 or not np.isfinite(d) or d < 0:
         raise ValueError(f"{caller}: damping must be a finite δ >= 0, got {damping}")
-    lam_min = float(jnp.min(fisher.eigenvalues))
+    delta = float(d)
+    lam = _concrete(jnp.min(fisher.eigenvalues))
+    if lam is None:
+        return delta
+    lam_min = float(lam)
     if lam_min + delta <= 0:
         raise ValueError(
             f"{caller}: F + δI is singular (smallest eigenvalue {lam_min:.3g}, δ = {delta:.3g})"
@@ -277,6 +301,8 @@ def _resolve_damping(fisher: FisherEigen, damping: float | None, caller: str) ->
 
 def precondition(fisher: FisherEigen, vectors: Any, damping: float | None = None) -> jax.Array:
     """Rows of ``vectors`` times ``(F + δI)⁻¹ = V diag(1/(λ + δ)) Vᵀ`` (float32).
+
+    Works under ``jax.jit`` with :func:`fisher_eigh` (then the value checks on δ are skipped).
 
     Args:
       fisher: from :func:`fisher_eigh`.
