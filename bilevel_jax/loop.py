@@ -314,6 +314,22 @@ class BilevelStep:
         default_factory=_nonfinite._Once, init=False, repr=False, compare=False
     )
 
+    @property
+    def zero_hypergradient_warned(self) -> bool:
+        """Whether this step has warned that a hypergradient was exactly 0 in every leaf (the
+        warning is given once per step object; under ``jit`` it arrives with the step's
+        effects, so call ``jax.effects_barrier()`` before reading this).
+
+        >>> import jax.numpy as jnp, optax, bilevel_jax as bj
+        >>> base = lambda th, lam, x: jnp.mean((th - x) ** 2) + jnp.sum(lam * th**2)
+        >>> meta = lambda th, lam, x: jnp.mean((th - x) ** 2)
+        >>> step = bj.bilevel_step(base, meta, optax.sgd(0.1), optax.sgd(1.0), bj.sama_na(0.1))
+        >>> state, _ = step(step.init(jnp.full(2, 0.5), jnp.full(2, 0.5)), jnp.ones((1, 2)), jnp.ones(2))
+        >>> step.zero_hypergradient_warned
+        False
+        """
+        return self._zero_once.done
+
     def __repr__(self) -> str:
         """The constructor call with functions by name and transforms by their settings (no
         memory addresses), so that results can record ``repr(step)``."""

@@ -1114,7 +1114,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     for m, step in study.steps.items():  # did the zero-hypergradient branch ever run?
         if m in programs:
-            programs[m]["zero_hypergradient_warned"] = step._zero_once.done
+            programs[m]["zero_hypergradient_warned"] = step.zero_hypergradient_warned
     print(
         f"\ncost of one step, compiled (ratios to one LM step on {cfg.keep} windows; XLA FLOPs, "
         "median wall time):"

@@ -104,6 +104,9 @@ def test_identically_zero_hypergradient_warns_once():
     zero = [x for x in w if "hypergradient is exactly 0" in str(x.message)]
     assert float(m["hypergrad_norm"]) == 0.0
     assert len(zero) == 1, [str(x.message) for x in w]  # once, not per step
+    assert step.zero_hypergradient_warned
+    fresh = bj.bilevel_step(base, meta, optax.sgd(0.1), optax.sgd(0.1), bj.cg(5))
+    assert not fresh.zero_hypergradient_warned  # the flag is per step object
 
 
 # ----------------------------------------------------------------------------- float16 λ
