@@ -324,3 +324,11 @@ def warn_missing_k_axis(
             UserWarning,
             stacklevel=stacklevel,
         )
+
+
+def concrete(x: Any) -> np.ndarray | None:
+    """``x`` as a numpy array, or None inside a trace (value checks are skipped under ``jit``)."""
+    try:
+        return np.asarray(x)
+    except jax.errors.TracerArrayConversionError:
+        return None

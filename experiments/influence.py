@@ -50,8 +50,10 @@ that ``θ*`` classifies correctly, remove each method's ``k`` most helpful train
 prediction changes.
 
 **Cost per method**: every method is one function of ``(θ*, train, queries)``, compiled once
-(XLA's peak bytes = arguments + outputs + temporaries, and FLOPs) and then timed (wall seconds of
-the compiled call; CPU times are indicative only, the ratios between methods are the point).
+(XLA's peak bytes = arguments + outputs + temporaries, and FLOPs, which count a loop body once:
+the ``lax.map`` chunks of per-example gradients and the CG iterations are not multiplied, so the
+FLOPs do not compare methods) and then timed (wall seconds of the compiled call; CPU times are
+indicative only).
 """
 
 from __future__ import annotations

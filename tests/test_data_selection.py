@@ -30,7 +30,7 @@ def _windows(seed, n, length=7):
     return jax.random.randint(jax.random.key(seed), (n, length), 0, 256, jnp.int32)
 
 
-def test_quick_records_every_method_and_regime(tmp_path, fast_compile):
+def test_quick_records_every_method_and_regime(tmp_path):
     out = tmp_path / "ds.json"
     r = dsel.main(["--quick", "--no-progress", "--json", str(out)])
     assert out.exists() and (tmp_path / "ds.png").stat().st_size > 0
@@ -115,7 +115,7 @@ def test_host_transfer_ops_sees_a_callback():
     assert got["conditional"] >= 1 and got["unconditional"] == 0, got
 
 
-def test_ltr_weights_match_a_per_example_gradient_loop(x64, fast_compile):
+def test_ltr_weights_match_a_per_example_gradient_loop(x64):
     lm_def, theta = _tiny_lm()
     theta = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), theta)
     x, meta = _windows(1, 7), _windows(2, 3)

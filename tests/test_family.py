@@ -294,7 +294,11 @@ def test_every_method_works_through_meta_grad_in_an_optax_chain(name):
         jnp.zeros_like(lam), ms, lam
     )
     ref, _ = _hg(method, problem, inputs)
-    np.testing.assert_allclose(-upd, ref, rtol=1e-5, atol=1e-7)
+    # DARTS' central difference divides float32 rounding by its ε: the optax chain and the direct
+    # call are two compiled programs whose rounding differs (1.5e-6 absolute on a 0.038 entry,
+    # measured with the suite's LLVM flags, tests/_xla.py), so 1e-5 would test the compiler
+    rtol = 1e-4 if name == "darts" else 1e-5
+    np.testing.assert_allclose(-upd, ref, rtol=rtol, atol=1e-7)
     assert int(ms[0].nonfinite_count) == 0
 
 

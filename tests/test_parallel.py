@@ -12,13 +12,14 @@ import optax
 import pytest
 
 import bilevel_jax as bj
+from tests import _xla
 
 WORKER = pathlib.Path(__file__).resolve().parent / "_dp_worker.py"
 
 
 @pytest.fixture(scope="module")
 def report():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=_xla.flags("--xla_force_host_platform_device_count=8"))
     env["PYTHONPATH"] = str(WORKER.parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
         [sys.executable, str(WORKER)], env=env, capture_output=True, text=True, timeout=900
@@ -65,7 +66,7 @@ def test_comm_report_every_method_needs_one_all_reduce_per_step(tmp_path):
     path = tmp_path / "comm.json"
     env = dict(os.environ)
     env["PYTHONPATH"] = str(WORKER.parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("XLA_FLAGS", None)  # the module sets 8 fake devices itself
+    env["XLA_FLAGS"] = _xla.flags("--xla_force_host_platform_device_count=8")
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.comm_report", "--json", str(path)],
         cwd=WORKER.parents[1],
@@ -153,7 +154,7 @@ def test_collective_report_splits_base_and_meta_step_reductions():
 @pytest.fixture(scope="module")
 def closure_report():
     worker = WORKER.parent / "_dp_closure_worker.py"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=_xla.flags("--xla_force_host_platform_device_count=2"))
     env["PYTHONPATH"] = str(WORKER.parent) + os.pathsep + str(WORKER.parents[1])
     proc = subprocess.run(
         [sys.executable, str(worker)], env=env, capture_output=True, text=True, timeout=900

@@ -15,7 +15,7 @@ import sys
 import types
 
 if __name__ == "__main__" and "--dp-worker" in sys.argv:
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,7 @@ import pytest
 
 import bilevel_jax as bj
 from bilevel_jax import selection as bs
+from tests import _xla
 
 K, N, F, NM, KEEP = 3, 8, 3, 6, 3
 
@@ -586,7 +587,7 @@ def _dp_worker():
 
 @pytest.fixture(scope="module")
 def dp_report():
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={N_DEV}")
+    env = dict(os.environ, XLA_FLAGS=_xla.flags(f"--xla_force_host_platform_device_count={N_DEV}"))
     root = pathlib.Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(

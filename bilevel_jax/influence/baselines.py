@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bilevel_jax._checks import concrete as _concrete
+
 __all__ = ["grad_dot", "trak_scores", "representation_similarity"]
 
 PyTree = Any
@@ -193,13 +195,6 @@ def trak_scores(
         )
     a = jnp.matmul(phi_q, v, precision=_HIGHEST) / (lam + delta)
     return jnp.matmul(a, jnp.matmul(phi_t, v, precision=_HIGHEST).T, precision=_HIGHEST)
-
-
-def _concrete(x: Any) -> np.ndarray | None:
-    try:
-        return np.asarray(x)
-    except jax.errors.TracerArrayConversionError:
-        return None
 
 
 def representation_similarity(

@@ -74,6 +74,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bilevel_jax._checks import concrete as _concrete
 from bilevel_jax.influence.logra import (
     Covariances,
     Projection,
@@ -152,14 +153,6 @@ def _basis_items(basis: PyTree) -> list[tuple[Path, KronEigen]]:
                     f"(one eigenvalue per column of q_{name})"
                 )
     return items
-
-
-def _concrete(x: Any) -> np.ndarray | None:
-    """``x`` as a numpy array, or None inside a trace (the value checks are skipped there)."""
-    try:
-        return np.asarray(x)
-    except jax.errors.TracerArrayConversionError:
-        return None
 
 
 def _damping(lam: jax.Array, damping: float | None, where: str) -> jax.Array:

@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bilevel_jax._checks import concrete as _concrete
 from bilevel_jax.influence.store import GradientStore
 
 __all__ = [
@@ -262,17 +263,7 @@ def _check_eigen(fisher: Any, caller: str) -> None:
         )
 
 
-def _concrete(x: Any) -> np.ndarray | None:
-    """``x`` as a numpy array, or None inside a trace (value checks are skipped there)."""
-    try:
-        return np.asarray(x)
-    except jax.errors.TracerArrayConversionError:
-        return None
-
-
-def _resolve_damping(
-    fisher: FisherEigen, damping: float | None, caller: str
-) -> float | jax.Array:
+def _resolve_damping(fisher: FisherEigen, damping: float | None, caller: str) -> float | jax.Array:
     """δ (given, or :func:`default_damping`), checked outside ``jit`` so that ``F + δI`` is
     invertible; under ``jit`` (traced eigenvalues or δ) the checks are skipped."""
     _check_eigen(fisher, caller)
