@@ -143,6 +143,7 @@ def test_a_recipe_of_recipes_builds_the_chain_it_prints():
     p, g = jnp.array([1.0, -2.0]), jnp.array([0.3, 0.4])
     got, _ = tx().update(g, tx().init(p), p)
     want, _ = built.update(g, built.init(p), p)
+    got, want = jnp.asarray(got), jnp.asarray(want)
     assert jnp.array_equal(got, want)  # -0.5 * (g + 0.1 p): decay before the step
     assert jnp.allclose(got, -0.5 * (g + 0.1 * p))
 
