@@ -22,6 +22,7 @@ from bilevel_jax.checkpoint import (
     CheckpointFallbackWarning,
     CheckpointStructureError,
 )
+from tests import _xla
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "_ckpt_worker.py"
@@ -268,7 +269,7 @@ def _run_worker(directory: Path, out: Path, **env_extra) -> subprocess.Completed
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["JAX_PLATFORMS"] = "cpu"
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = _xla.flags()  # the suite's compile flags, no fake devices
     env.update({k: str(v) for k, v in env_extra.items()})
     return subprocess.run(
         [sys.executable, str(WORKER), str(directory), str(out)],

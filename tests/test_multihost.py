@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from bilevel_jax import distributed as dist
+from tests import _xla
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "_mh_worker.py")
@@ -30,7 +31,7 @@ def _last_json(text):
 @pytest.fixture(scope="module")
 def runs():
     env = dict(os.environ, **ENV)
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = _xla.flags()  # the suite's compile flags, no fake devices
     multi = [_last_json(o) for o in dist.launch_local([WORKER, "multi"], 2, timeout_s=240, env=ENV)]
     single = subprocess.run(
         [sys.executable, WORKER, "single"], env=env, capture_output=True, text=True, timeout=240
@@ -155,7 +156,7 @@ def test_single_process_helpers_place_and_read_back_batches():
 def test_the_multihost_example_runs_on_two_processes(tmp_path):
     out = tmp_path / "mh.json"
     env = dict(os.environ, **ENV)
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = _xla.flags()  # the suite's compile flags, no fake devices
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.multihost_demo", "--quick", "--json", str(out)],
         cwd=ROOT,

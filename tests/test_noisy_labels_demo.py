@@ -18,6 +18,7 @@ from flax import nnx
 import bilevel_jax as bj
 from experiments import noisy_labels_demo as nl
 from experiments.models import weighted_cross_entropy
+from tests import _xla
 from tests._quick import check_provenance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +111,7 @@ def test_base_loss_weights_see_no_gradient_through_the_loss_input():
 
 def _cli(*args, timeout=240):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = _xla.flags()  # the suite's compile flags, no fake devices
     return subprocess.run(
         [sys.executable, "-m", "experiments.noisy_labels_demo", *args],
         cwd=ROOT,
