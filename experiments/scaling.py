@@ -209,27 +209,19 @@ def measure(name: str, cfg: GPTConfig, methods: Sequence[str]) -> dict:
     row: dict = {"model": name, "config": dataclasses.asdict(cfg), "params": n_params}
     for prog, (fn, args, donate) in programs(cfg, methods).items():
         t0 = time.perf_counter()
-        compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+        _, stats = harness.compile_stats(fn, args, donate=donate)
         seconds = time.perf_counter() - t0
-        mem = compiled.memory_analysis()
-        if mem is None:
-            raise RuntimeError("XLA gave no memory analysis")
-        peak = (
-            mem.argument_size_in_bytes
-            + mem.output_size_in_bytes
-            - mem.alias_size_in_bytes
-            + mem.temp_size_in_bytes
-        )
+        peak = stats["peak_bytes"]
         row[prog] = {
-            "peak_bytes": int(peak),
-            "temp_bytes": int(mem.temp_size_in_bytes),
-            "argument_bytes": int(mem.argument_size_in_bytes),
+            "peak_bytes": peak,
+            "temp_bytes": stats["temp_bytes"],
+            "argument_bytes": stats["argument_bytes"],
             "compile_s": seconds,
             "fits_80gib": bool(peak <= BUDGET),
         }
         print(
             f"  {name:>9} {prog:>10}: peak {peak / GIB:8.2f} GiB, temp "
-            f"{mem.temp_size_in_bytes / GIB:8.2f} GiB ({seconds:.1f} s to compile)",
+            f"{stats['temp_bytes'] / GIB:8.2f} GiB ({seconds:.1f} s to compile)",
             flush=True,
         )
     for prog in ["plain", *methods]:

@@ -27,6 +27,8 @@ Modules (every name is also exported here):
 - :mod:`~bilevel_jax.influence.baselines` — gradient dot product, TRAK-style random projection,
   representation similarity;
 - :mod:`~bilevel_jax.influence.store` — the resumable on-disk store of projected gradients;
+- :mod:`~bilevel_jax.influence.pipeline` — ``log_gradients``: one compiled pass that streams the
+  projected gradients to a store and accumulates the projected Fisher (resumable);
 - :mod:`~bilevel_jax.influence.scoring` — the projected Fisher, damping after the fact, streamed
   block scoring (dot, influence, RelatIF, cosine, self-influence) and top-k;
 - :mod:`~bilevel_jax.influence.evaluate` — the linear datamodeling score and brittleness masks.
@@ -71,6 +73,7 @@ from bilevel_jax.influence.logra import (
     random_projections,
     with_logra,
 )
+from bilevel_jax.influence.pipeline import log_gradients
 from bilevel_jax.influence.scoring import (
     FisherEigen,
     TopK,
@@ -116,6 +119,7 @@ __all__ = [
     "kfac_covariances",
     "lds",
     "logra_gradients",
+    "log_gradients",
     "logra_linear",
     "pca_projections",
     "per_example_grads",
