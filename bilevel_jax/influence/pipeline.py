@@ -117,6 +117,22 @@ def log_gradients(
     Raises:
       ValueError: a model without adapters, blocks of the wrong size, a width other than the
         store's ``d``, ids that disagree with a resumed store's, or fewer rows than ``n``.
+
+    Example (two blocks of a 4 → 2 linear model, projected to 2 × 1 per example):
+      >>> import tempfile, jax, jax.numpy as jnp, numpy as np
+      >>> from flax import nnx
+      >>> from bilevel_jax.influence import GradientStore, Projection, with_logra
+      >>> model = with_logra(nnx.Linear(4, 2, rngs=nnx.Rngs(0)),
+      ...                    Projection(jnp.eye(5, 2), jnp.eye(2, 1)))
+      >>> loss = lambda m, x: jnp.sum(m(x) ** 2)
+      >>> x = jax.random.normal(jax.random.key(0), (6, 4))
+      >>> blocks = [(np.arange(3), x[:3]), (np.arange(3, 6), x[3:])]
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     with GradientStore.create(d, n=6, d=2, dtype="float32") as store:
+      ...         fisher = log_gradients(model, loss, blocks, store, fisher="full")
+      ...     rows = GradientStore.open(d).read(0, 6)
+      >>> rows.shape, bool(np.allclose(fisher, rows.T @ rows / 6, atol=1e-6))
+      ((6, 2), True)
     """
     if fisher not in ("layer", "full"):
         raise ValueError(f"log_gradients: fisher must be 'layer' or 'full', got {fisher!r}")
