@@ -783,6 +783,25 @@ def logra_gradients(
       >>> logra_gradients(lm, loss, jnp.ones((6, 3))).shape
       (6, 2, 1)
     """
+    fn, b, rest = _bottleneck_grad_fn(model, loss, batch_size)
+    grads = fn(b, rest, batch)
+    flat, _ = jax.tree_util.tree_flatten_with_path(grads)
+    return _nest([(tuple(_key(k) for k in p)[:-1], v) for p, v in flat])
+
+
+def _bottleneck_grad_fn(model, loss: Callable[..., jax.Array], batch_size: int | None = None):
+    """``(fn, b, rest)``: ``fn(b, rest, batch)`` gives the per-example gradients of the LoGra
+    bottlenecks ``b`` of a :func:`with_logra` model (the rest of its state held in ``rest``),
+    jitted and cached per (model structure, ``loss``, ``batch_size``); shared by
+    :func:`logra_gradients` and :func:`bilevel_jax.influence.pipeline.log_gradients`.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> lm = with_logra(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), Projection(jnp.eye(4, 2), jnp.eye(2, 1)))
+    >>> fn, b, rest = _bottleneck_grad_fn(lm, lambda m, z: jnp.sum(m(z) ** 2))
+    >>> [g.shape for g in jax.tree.leaves(fn(b, rest, jnp.ones((6, 3))))]
+    [(6, 2, 1)]
+    """
     c = _nnx_classes()
     nnx = c.nnx
     graphdef, b, rest = nnx.split(model, c.LoGraBottleneck, ...)
@@ -794,9 +813,7 @@ def logra_gradients(
         fn = _grad_fn(graphdef, loss, batch_size)
     except TypeError:  # an unhashable loss: build the function uncached
         fn = _grad_fn.__wrapped__(graphdef, loss, batch_size)
-    grads = fn(b, rest, batch)
-    flat, _ = jax.tree_util.tree_flatten_with_path(grads)
-    return _nest([(tuple(_key(k) for k in p)[:-1], v) for p, v in flat])
+    return fn, b, rest
 
 
 def kfac_covariances(

@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bilevel_jax.influence.logra import _grad_fn, _key, _nest, _nnx_classes
+from bilevel_jax.influence.logra import _bottleneck_grad_fn, _key, _nest
 from bilevel_jax.influence.store import GradientStore
 
 __all__ = ["log_gradients"]
@@ -57,32 +57,10 @@ __all__ = ["log_gradients"]
 PyTree = Any
 
 
-def _layer_grads(model, loss: Callable) -> tuple[Callable, Any, Any]:
-    """``(fn, b, rest)``: ``fn(b, rest, batch)`` gives the bottlenecks' per-example gradients."""
-    c = _nnx_classes()
-    graphdef, b, rest = c.nnx.split(model, c.LoGraBottleneck, ...)
-    b, rest = c.nnx.to_pure_dict(b), c.nnx.to_pure_dict(rest)
-    if not jax.tree.leaves(b):
-        raise ValueError(
-            "log_gradients: the model has no LoGra adapter; build it with with_logra(model, …)"
-        )
-    try:
-        hash((graphdef, loss))
-        fn = _grad_fn(graphdef, loss, None)
-    except TypeError:  # an unhashable loss: build the function uncached
-        fn = _grad_fn.__wrapped__(graphdef, loss, None)
-    return fn, b, rest
-
-
-def _flat(grads: PyTree) -> tuple[jax.Array, list[tuple[Any, int]]]:
-    """``(n, d)`` rows (layers in pytree order, each row-major) and each layer's (path, width)."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(grads)
-    cols, layers = [], []
-    for path, v in flat:
-        v = v.reshape(v.shape[0], -1)
-        cols.append(v)
-        layers.append((tuple(_key(k) for k in path)[:-1], v.shape[1]))
-    return jnp.concatenate(cols, axis=1), layers
+def _flat(grads: PyTree) -> jax.Array:
+    """``(n, d)`` rows: each layer's gradients row-major, the layers in pytree order (the
+    order of :func:`~bilevel_jax.influence.logra.flatten_projected`)."""
+    return jnp.concatenate([v.reshape(v.shape[0], -1) for v in jax.tree.leaves(grads)], axis=1)
 
 
 def log_gradients(
@@ -141,7 +119,7 @@ def log_gradients(
             f"log_gradients: the store in {store.path} is read-only; open it with "
             "GradientStore.open(path, resume=True, metadata=...)"
         )
-    grad_fn, b, rest = _layer_grads(model, loss)
+    grad_fn, b, rest = _bottleneck_grad_fn(model, loss)
     hi = jax.lax.Precision.HIGHEST
     spans: list[tuple[int, int]] = []  # the Fisher's diagonal blocks: (first column, width)
     layers: list[tuple[Any, int]] = []
@@ -154,7 +132,7 @@ def log_gradients(
 
     @jax.jit
     def step(acc, batch, valid):
-        rows, _ = _flat(grad_fn(b, rest, batch))
+        rows = _flat(grad_fn(b, rest, batch))
         rows = jnp.where(valid[:, None], rows.astype(jnp.float32), 0.0)
         return accumulate(acc, rows), rows
 
@@ -167,7 +145,10 @@ def log_gradients(
         if size is None:
             size = n_b
             shapes = jax.eval_shape(lambda bt: grad_fn(b, rest, bt), batch)
-            layers = _flat(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes))[1]
+            layers = [
+                (tuple(_key(k) for k in path)[:-1], int(np.prod(sd.shape[1:])))
+                for path, sd in jax.tree_util.tree_flatten_with_path(shapes)[0]
+            ]
             d = sum(w for _, w in layers)
             if d != store.d:
                 raise ValueError(
