@@ -87,8 +87,10 @@ __all__ = [
     "AdaptationError",
     "UnsupportedTransformError",
     "adapt",
+    "can_rewind",
     "describe",
     "exact_adapt",
+    "rewind",
 ]
 
 PyTree = Any
@@ -138,6 +140,24 @@ class _Node:
     def vjp(self, g, state, params, w):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # whether this node's output depends on the parameters (then a stateful node after it
+    # cannot be rewound exactly from the updated parameters; see ``rewind``)
+    reads_params = True
+
+    def rewind(self, g, state, params):
+        """The state before the update of ``g`` that produced ``state`` (see :func:`rewind`)."""
+        del g, params
+        if not jax.tree.leaves(state):  # a stateless transform: nothing to undo
+            return state
+        raise AdaptationError(
+            f"the state of the optax transform {self.name!r} cannot be recovered from the "
+            f"updated state and the gradient"
+        )
+
+    def rewinds_with_grad(self, state) -> bool:
+        """Whether :meth:`rewind` reads the incoming gradient (a moment, not just a count)."""
+        return bool(jax.tree.leaves(state))
+
     def describe(self, state) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -148,9 +168,26 @@ class _Rule(_Node):
 
     rule: Callable = None  # type: ignore[assignment] - always given
     how: str = "closed form"
+    # ``unstep(g, state) -> state before the update`` where the update can be inverted
+    unstep: Callable | None = None
+    unstep_reads_grad: bool = True
+
+    @property
+    def reads_params(self) -> bool:  # type: ignore[override]
+        return self.name in _READS_PARAMS
 
     def vjp(self, g, state, params, w):
         return self.rule(g, state, params, w)
+
+    def rewind(self, g, state, params):
+        if self.unstep is None:
+            return super().rewind(g, state, params)
+        return self.unstep(g, state)
+
+    def rewinds_with_grad(self, state) -> bool:
+        if self.unstep is None:
+            return super().rewinds_with_grad(state)
+        return self.unstep_reads_grad
 
     def describe(self, state) -> str:
         return f"{self.name}: {self.how}"
@@ -203,6 +240,34 @@ class _Chain(_Node):
             w = child.vjp(gi, s, params, w)
         return w
 
+    @property
+    def reads_params(self) -> bool:  # type: ignore[override]
+        return any(c.reads_params for c in self.children)
+
+    def rewind(self, g, state, params):
+        if len(state) != len(self.children):
+            raise AdaptationError(
+                f"optax.chain of {len(self.children)} transforms got a state of length "
+                f"{len(state)}: the optimizer state was not made by this transform's init."
+            )
+        out, after = [], None  # after: the first transform so far whose output reads θ
+        for child, s in zip(self.children, state):
+            if after is not None and child.rewinds_with_grad(s):
+                raise AdaptationError(
+                    f"the state of {child.name!r} cannot be recovered exactly: its input "
+                    f"depends on the parameters before the update (through {after!r}), and "
+                    f"only the updated ones are known"
+                )
+            pre = child.rewind(g, s, params)
+            out.append(pre)
+            if child.reads_params and after is None:
+                after = child.name
+            g = child.forward(g, pre, params)
+        return tuple(out)
+
+    def rewinds_with_grad(self, state) -> bool:
+        return any(c.rewinds_with_grad(s) for c, s in zip(self.children, state))
+
     def describe(self, state) -> str:
         states = state if state is not None else (None,) * len(self.children)
         inner = ", ".join(c.describe(s) for c, s in zip(self.children, states))
@@ -230,6 +295,19 @@ class _Masked(_Node):
             self._masked(g, mask_tree), state.inner_state, mp, self._masked(w, mask_tree)
         )
         return jax.tree.map(lambda m, a, b: a if m else b, mask_tree, w_in, w)
+
+    @property
+    def reads_params(self) -> bool:  # type: ignore[override]
+        return self.inner.reads_params
+
+    def rewind(self, g, state, params):
+        mask_tree = self._mask_tree(g)
+        mp = None if params is None else self._masked(params, mask_tree)
+        inner = self.inner.rewind(self._masked(g, mask_tree), state.inner_state, mp)
+        return state._replace(inner_state=inner)
+
+    def rewinds_with_grad(self, state) -> bool:
+        return self.inner.rewinds_with_grad(state.inner_state)
 
     def describe(self, state) -> str:
         inner_state = None if state is None else state.inner_state
@@ -312,6 +390,23 @@ class _Partition(_Node):
             masked = _Masked(f"partition[{label!r}]", node.update_fn, inner=node, mask=mask)
             w = masked.vjp(g, state.inner_states[label], params, w)
         return w
+
+    @property
+    def reads_params(self) -> bool:  # type: ignore[override]
+        return any(node.reads_params for _, node in self.groups)
+
+    def rewind(self, g, state, params):
+        inner = dict(state.inner_states)
+        for (label, node), mask in zip(self.groups, self._masks(g)):
+            masked = _Masked(f"partition[{label!r}]", node.update_fn, inner=node, mask=mask)
+            inner[label] = masked.rewind(g, state.inner_states[label], params)
+        return state._replace(inner_states=inner)
+
+    def rewinds_with_grad(self, state) -> bool:
+        return any(
+            node.rewinds_with_grad(state.inner_states[label].inner_state)
+            for label, node in self.groups
+        )
 
     def describe(self, state) -> str:
         parts = []
@@ -837,6 +932,89 @@ _RULES: dict[str, tuple[Callable, tuple[str, ...]]] = {
     ),
 }
 
+# --------------------------------------------------------------------------- rewinding
+# The state before an update, recovered from the state after it and the gradient: the
+# moment updates m' = β m + (1 − β) f(g) are solved for m (same arithmetic as optax's
+# update, so a zero moment is recovered as exactly zero), and counts step back by one.
+
+
+def _solve_moment(new, g_term, decay):
+    """``m`` from ``m' = (1 − β)·g_term + β·m`` (0 where β = 0, when ``m`` is not used)."""
+    nonzero = jnp.asarray(decay) != 0
+    m = (new - (1 - decay) * g_term) / jnp.where(nonzero, decay, 1)
+    return jnp.where(nonzero, m, 0).astype(new.dtype)
+
+
+def _count_back(count):
+    return count - jnp.ones_like(count)
+
+
+def _adam_unstep(cells):
+    b1, b2 = cells["b1"], cells["b2"]
+
+    def unstep(g, state):
+        mu = jax.tree.map(lambda gi, mi: _solve_moment(mi, gi, b1), g, state.mu)
+        # a second moment is never negative; rounding may leave −ulp where it was 0
+        nu = jax.tree.map(lambda gi, ni: jnp.maximum(_solve_moment(ni, gi**2, b2), 0), g, state.nu)
+        return state._replace(count=_count_back(state.count), mu=mu, nu=nu)
+
+    return unstep
+
+
+def _rms_unstep(cells):
+    decay = cells["decay"]
+
+    def unstep(g, state):
+        nu = jax.tree.map(
+            lambda gi, ni: jnp.maximum(_solve_moment(ni, gi**2, decay), 0), g, state.nu
+        )
+        if "count" in state._fields:
+            return state._replace(count=_count_back(state.count), nu=nu)
+        return state._replace(nu=nu)
+
+    return unstep
+
+
+def _rss_unstep(cells):
+    def unstep(g, state):
+        s = jax.tree.map(lambda gi, si: jnp.maximum(si - gi**2, 0), g, state.sum_of_squares)
+        return state._replace(sum_of_squares=s)
+
+    return unstep
+
+
+def _trace_unstep(cells):
+    decay = cells["decay"]
+
+    def unstep(g, state):
+        # t' = g + β t  →  t = (t' − g)/β
+        nonzero = jnp.asarray(decay) != 0
+
+        def leaf(gi, ti):
+            t = (ti - gi) / jnp.where(nonzero, decay, 1)
+            return jnp.where(nonzero, t, 0).astype(ti.dtype)
+
+        return state._replace(trace=jax.tree.map(leaf, g, state.trace))
+
+    return unstep
+
+
+def _schedule_unstep(cells):
+    return lambda g, state: state._replace(count=_count_back(state.count))
+
+
+# name -> (factory(cells) -> unstep(g, state), whether unstep reads g)
+_UNSTEPS: dict[str, tuple[Callable, bool]] = {
+    "scale_by_adam": (_adam_unstep, True),
+    "scale_by_rms": (_rms_unstep, True),
+    "scale_by_rss": (_rss_unstep, True),
+    "trace": (_trace_unstep, True),
+    "scale_by_schedule": (_schedule_unstep, False),
+}
+
+# rules whose output reads the parameters
+_READS_PARAMS = frozenset({"add_decayed_weights", "scale_by_param_block_rms"})
+
 _SIGN_BASED = {
     "scale_by_sign": "it returns sign(g)",
     "scale_by_lion": "lion's default mode='hard' returns sign(β₁m + (1−β₁)g)",
@@ -916,7 +1094,17 @@ def _parse(update_fn) -> _Node:
         if set(needed) <= cells.keys():
             if factory is _muon_rule:  # autodiff of optax's own update, with a limit at 0
                 return _Rule(name, update_fn, rule=_muon_rule(cells, update_fn), how=_MUON_HOW)
-            return _Rule(name, update_fn, rule=factory(cells))
+            unstep, reads_grad = None, True
+            if name in _UNSTEPS:
+                unstep_factory, reads_grad = _UNSTEPS[name]
+                unstep = unstep_factory(cells)
+            return _Rule(
+                name,
+                update_fn,
+                rule=factory(cells),
+                unstep=unstep,
+                unstep_reads_grad=reads_grad,
+            )
     return _Fallback(name, update_fn)
 
 
@@ -999,6 +1187,93 @@ def adapt(
         node = _parse(tx.update)
     # u = -Δ, so J_uᵀ d = J_Δᵀ (−d): one negation of the cotangent.
     return node.vjp(grads, state, params, _negate(d))
+
+
+def rewind(
+    tx: optax.GradientTransformation,
+    grads: PyTree,
+    state: optax.OptState,
+    params: PyTree,
+) -> optax.OptState:
+    r"""The optimizer state *before* the update that took ``grads`` to ``state``.
+
+    SAMA's ``adapt_from="last"`` takes the adaptation matrix at the last base step's
+    gradient ``g`` and pre-update state. Instead of keeping the pre-update state alive until
+    the meta step (for Adam two θ-sized buffers), the training loop keeps only ``g`` and
+    recovers the state by solving optax's moment updates (the reference implementation of
+    SAMA does the same): for ``scale_by_adam``
+
+        m = (m' − (1−β₁)g)/β₁,    ν = max((ν' − (1−β₂)g²)/β₂, 0),    t = t' − 1,
+
+    likewise ``scale_by_rms`` (ν), ``scale_by_rss`` (S = S' − g²), ``trace``
+    (t = (t' − g)/β) and ``scale_by_schedule`` (the count); stateless transforms are
+    unchanged; ``chain``, ``masked`` and ``partition`` are walked. The products are computed
+    as optax computes them, so a moment that was zero (the first step; a leaf no gradient had
+    reached) is recovered as exactly zero; elsewhere the recovered moments carry float32
+    rounding of the subtraction (``tests/test_rewind.py`` measures the adapted direction
+    against the exact VJP at the true state).
+
+    Args:
+      tx: the optimizer.
+      grads: the gradient of the update.
+      state: ``tx``'s state after the update.
+      params: the parameters after the update (read by transforms such as
+        ``add_decayed_weights`` on the way to the next transform).
+
+    Returns:
+      The pre-update state, with the structure of ``state``.
+
+    Raises:
+      AdaptationError: for a transform whose state cannot be recovered exactly (any other
+        stateful transform; a state stored below float32, whose rounding cannot be undone;
+        a stateful transform whose input depends on the pre-update parameters, such as
+        ``chain(add_decayed_weights, scale_by_adam)``; ``lookahead``), naming it.
+        :func:`can_rewind` asks without raising.
+
+    Example (Adam after one step from a zero state):
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> tx, p, g = optax.adam(0.1), jnp.zeros(2), jnp.array([1.0, -2.0])
+      >>> s0 = tx.init(p)
+      >>> _, s1 = tx.update(g, s0, p)
+      >>> back = rewind(tx, g, s1, p)
+      >>> print(back[0].count, back[0].mu, back[0].nu)
+      0 [0. 0.] [0. 0.]
+    """
+    if _is_lookahead(tx):
+        raise AdaptationError("optax.lookahead's state cannot be rewound (its sync step)")
+    _checks.same_structure(params=params, grads=grads)
+    _checks.opt_state_matches(tx, state, params)
+    for leaf in jax.tree.leaves(state):
+        dtype = jnp.asarray(leaf).dtype
+        if jnp.issubdtype(dtype, jnp.complexfloating) or (
+            jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
+        ):
+            raise AdaptationError(
+                f"the optimizer state holds a {dtype} leaf: its rounding cannot be undone, "
+                f"so the pre-update state cannot be recovered exactly (keep it instead)"
+            )
+    return _parse(tx.update).rewind(grads, state, params)
+
+
+def can_rewind(tx: optax.GradientTransformation, state: optax.OptState, params: PyTree) -> bool:
+    """Whether :func:`rewind` can recover ``tx``'s pre-update state (decided at trace time).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> p = jnp.zeros(2)
+      >>> can_rewind(optax.adam(1e-3), optax.adam(1e-3).init(p), p)
+      True
+      >>> tx = optax.chain(optax.add_decayed_weights(1e-4), optax.adam(1e-3))
+      >>> can_rewind(tx, tx.init(p), p)  # Adam's input reads the pre-update θ
+      False
+    """
+    try:
+        jax.eval_shape(lambda g, s, p: rewind(tx, g, s, p), params, state, params)
+    except AdaptationError:
+        return False
+    return True
 
 
 def _is_lookahead(tx) -> bool:

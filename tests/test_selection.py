@@ -439,7 +439,7 @@ def test_selection_repr_is_the_constructor_call():
     assert bs.Selection(score_fn=score, keep=0.01).keep_count(5) == 1
 
 
-# -- without a selection the step is the committed one, bit for bit ------------------------------
+# -- without a selection the step computes what the committed one did ---------------------------
 REFERENCE_COMMIT = "dc611ab"  # loop.py before selection was added
 
 
@@ -480,6 +480,11 @@ def _stateful_meta(th, lam, b, ms, rng):
     ids=["sama_last", "neumann_stateful_rng", "sama_along_v_bf16"],
 )
 def test_without_selection_the_step_is_bit_identical_to_the_committed_code(kw):
+    """Since then the base phase runs all K steps in one scan (it ran K − 1 and the last one
+    after it), so the programs differ; the numbers do not: bit for bit, except that SAMA's
+    ``"last"`` now recovers the last pre-update Adam state from the updated one
+    (``adaptation.rewind``) instead of keeping it, which changes the meta step by float32
+    rounding of that subtraction (``tests/test_rewind.py``)."""
     old = _committed_loop()
     big, meta = _data(steps=2, dtype=jnp.float32)
     stateful = kw.get("stateful", False)
@@ -490,13 +495,21 @@ def test_without_selection_the_step_is_bit_identical_to_the_committed_code(kw):
     ms = jnp.zeros(()) if stateful else None
     state = new_step.init(*_init(jnp.float32), model_state=ms, rng=jax.random.PRNGKey(4))
     b0 = {k: v[0] for k, v in big.items()}
-    assert str(jax.make_jaxpr(new_step)(state, b0, meta)) == str(
-        jax.make_jaxpr(old_step)(state, b0, meta)
-    )
     s_new, m_new = jax.jit(new_step)(state, b0, meta)
     s_old, m_old = jax.jit(old_step)(state, b0, meta)
-    assert _bytes_equal(s_new, s_old) and _bytes_equal(m_new, m_old)
     assert sorted(m_new) == sorted(m_old)
+    if kw["method"].uses_last_step:
+        rest = ("meta_params", "meta_opt_state")  # moved by the meta step: float32 rounding
+        assert _bytes_equal(
+            s_new._replace(**{f: None for f in rest}), s_old._replace(**{f: None for f in rest})
+        )
+        for f in rest:
+            for a, b in zip(jax.tree.leaves(getattr(s_new, f)), jax.tree.leaves(getattr(s_old, f))):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+        for k in m_new:
+            np.testing.assert_allclose(m_new[k], m_old[k], rtol=1e-5, err_msg=k)
+    else:
+        assert _bytes_equal(s_new, s_old) and _bytes_equal(m_new, m_old)
     assert not _bytes_equal(s_new.meta_params, state.meta_params)  # the step did something
 
 

@@ -122,6 +122,10 @@ class HypergradMethod(Protocol):
         apply it to θ after the meta update (SAMA's base step along v; False elsewhere).
       supports_exact_sync: :meth:`synced` is available (data parallelism that reproduces
         the full-batch result; SAMA-type methods only).
+      uses_last_step: optional; True when :meth:`hypergrad` reads ``inputs.last_grad`` and
+        ``inputs.last_opt_state`` (SAMA's ``adapt_from="last"``). The bilevel loop passes
+        None for both to a method that says False, and carries nothing for them through the
+        base steps; a method without the attribute is given them.
 
     Methods:
       synced(axis_name): a copy that averages d = ∇_θL_m, ∇_λL_m and the fresh gradient over
@@ -186,6 +190,7 @@ class MethodBase:
     info_keys: tuple[str, ...] = ()
     step_along_v: bool = False
     supports_exact_sync: bool = False
+    uses_last_step: bool = False
     name: str
 
     def synced(self, axis_name: str) -> Any:

@@ -234,6 +234,15 @@ class SAMA(MethodBase):
             )
 
     @property
+    def uses_last_step(self) -> bool:
+        """True for ``adapt_from="last"`` with the adaptation (the loop keeps the last gradient).
+
+        >>> SAMA(adapt_from="last").uses_last_step, SAMA(adapt_from="last", adapt=False).uses_last_step
+        (True, False)
+        """
+        return self.adapt and self.adapt_from == "last"
+
+    @property
     def base_step(self) -> bool:
         """Deprecated: use ``step_along_v``."""
         _deprecated_base_step(stacklevel=3)
