@@ -2,7 +2,7 @@ r"""Compiled memory of every method's training program for GPT-2-sized decoder L
 
 ::
 
-    python -m experiments.scaling [--quick] [--json PATH]
+    python -m experiments.scaling [--quick] [--cpu-scheduler default|memory] [--json PATH]
 
 Nothing is allocated or trained: each program is compiled with ``jax.jit(...).lower(...)`` on
 ``jax.ShapeDtypeStruct`` arguments (the model is built with ``nnx.eval_shape``), and XLA's memory
@@ -13,7 +13,8 @@ Meta-Weight-Net 1-100-1), the meta loss the plain mean cross entropy; the base o
 ``optax.adam(1e-3, eps_root=1e-8)`` (``eps_root`` lets ITD differentiate through Adam), the meta
 optimizer ``optax.adam(1e-3)``.
 
-Programs (float32 throughout; the state is donated, as in a training loop):
+Programs (the state is donated, as in a training loop), each in float32 and with bf16 compute
+(the losses cast θ to bf16; master parameters, gradients and optimizer states stay float32):
 
 * ``plain`` — ``K`` plain Adam steps of the mean cross entropy in one ``lax.scan``;
 * each method — :func:`bilevel_jax.bilevel_step`: ``K`` base steps and one meta step.
@@ -33,11 +34,21 @@ name         layers  width  heads  parameters
 
 Reported per (model, method): ``peak_bytes`` (arguments + outputs − aliased + temporaries: what
 the step holds at its peak), ``temp_bytes`` (XLA's temporaries alone), ``argument_bytes`` and the
-compile time; the ratio of each method's peak to plain's; per method, the least-squares slope of
-the peak against the parameter count over the transformer sizes and its ratio to plain's slope;
-and whether the peak fits in 80 GiB. FLOPs are not reported: XLA counts a loop body once, and
-both the layers and the ``K`` steps are loops here (``experiments/benchmark.py`` reports FLOPs of
-single steps of MLPs). CPU figures: an accelerator's compiler may assign buffers differently.
+compile time, in float32 and (``"bf16"``) with bf16 compute; the ratio of each method's peak to
+plain's; per method, the least-squares slope of the peak against the parameter count over the
+transformer sizes and its ratio to plain's slope; whether the peak fits in 80 GiB; and
+``matmul_flops``, the program's matrix-multiply FLOPs counted on its jaxpr with every loop
+multiplied by its trip count (:func:`experiments.harness.matmul_flops`; XLA's own
+``cost_analysis`` counts a loop body once, and the layers, the ``K`` steps and the solvers are all
+loops here), with its ratio to plain's.
+
+**The CPU scheduler.** XLA's default CPU scheduler optimises for thread concurrency: it issues
+work that depends on nothing as early as it can. In a bilevel step that includes the zero-filled
+buffers in which the meta step's layer ``scan`` stacks its activations for the backward pass, so
+they are allocated before the ``K`` base steps and held through them (read off the compiled
+module's buffer live ranges). ``--cpu-scheduler memory`` compiles with XLA's memory-minimising
+scheduler instead (:data:`MEMORY_SCHEDULER_FLAG`); plain training's peak is the same under both.
+These are CPU figures: an accelerator's compiler schedules and assigns buffers its own way.
 """
 
 from __future__ import annotations
@@ -89,6 +100,7 @@ QUICK_SIZES: dict[str, GPTConfig] = {
 
 METHODS: dict[str, Any] = {
     "sama_last": bj.sama(alpha=1.0, adapt_from="last"),
+    "sama_last_along_v": bj.sama(alpha=1.0, adapt_from="last", step_along_v=True),
     "sama_fresh": bj.sama(alpha=1.0, adapt_from="fresh"),
     "sama_na": bj.sama_na(alpha=1.0),
     "darts": bj.darts(),
@@ -98,6 +110,13 @@ METHODS: dict[str, Any] = {
     "soba": bj.soba(),
 }
 QUICK_METHODS = ("sama_last", "cg")
+WHILE_TRIPS = {"cg": 5}
+"""Trip count of the ``while_loop`` in a method (CG's solver runs its ``maxiter`` = 5 iterations
+with the default tolerance 0) for the FLOP count; the other methods loop by ``scan``."""
+DTYPES = {"float32": None, "bf16": jnp.bfloat16}
+"""Compute dtypes: float32, and bf16 compute with float32 master parameters and optimizer
+state (the losses cast θ to bf16; gradients and updates stay float32)."""
+MEMORY_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
 class GPT(nnx.Module):
@@ -162,15 +181,16 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
 
 
-def programs(cfg: GPTConfig, methods: Sequence[str]) -> dict[str, tuple]:
-    """``name -> (fn, abstract args, donated argnums)`` of every training program of ``cfg``."""
+def programs(cfg: GPTConfig, methods: Sequence[str], dtype: Any = None) -> dict[str, tuple]:
+    """``name -> (fn, abstract args, donated argnums)`` of every training program of ``cfg``,
+    with the losses computed in ``dtype`` (None: float32)."""
     model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
     graphdef, theta, _ = bj.nnx.split_params(model)
     mwn_def, lam, _ = bj.nnx.split_params(MetaWeightNet(100, rngs=nnx.Rngs(1)))
     theta, lam = _abstract(theta), _abstract(lam)
 
     def per_sequence(th, tokens):
-        logits = bj.nnx.merge(graphdef, th)(tokens[:, :-1])
+        logits = bj.nnx.merge(graphdef, th)(tokens[:, :-1]).astype(jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean(-1)
 
     def base_loss(th, lam, tokens):
@@ -181,13 +201,16 @@ def programs(cfg: GPTConfig, methods: Sequence[str]) -> dict[str, tuple]:
     def meta_loss(th, lam, tokens):
         return per_sequence(th, tokens).mean()
 
+    def cast(th):
+        return th if dtype is None else jax.tree.map(lambda a: a.astype(dtype), th)
+
     base_tx, meta_tx = optax.adam(1e-3, eps_root=1e-8), optax.adam(1e-3)
     batches = jax.ShapeDtypeStruct((K, BATCH, cfg.context + 1), jnp.int32)
     meta = jax.ShapeDtypeStruct((BATCH, cfg.context + 1), jnp.int32)
 
     def plain(th, s, batches):
         def body(c, b):
-            r = bj.base_step(lambda t, x: per_sequence(t, x).mean(), base_tx, *c, b)
+            r = bj.base_step(lambda t, x: per_sequence(cast(t), x).mean(), base_tx, *c, b)
             return (r.params, r.opt_state), r.loss
 
         return jax.lax.scan(body, (th, s), batches)
@@ -196,48 +219,79 @@ def programs(cfg: GPTConfig, methods: Sequence[str]) -> dict[str, tuple]:
         "plain": (plain, (theta, jax.eval_shape(base_tx.init, theta), batches), (0, 1))
     }
     for name in methods:
-        step = bj.bilevel_step(base_loss, meta_loss, base_tx, meta_tx, METHODS[name])
+        step = bj.bilevel_step(
+            base_loss,
+            meta_loss,
+            base_tx,
+            meta_tx,
+            METHODS[name],
+            compute_dtype=dtype,
+            meta_compute_dtype=dtype,
+        )
         state = jax.eval_shape(step.init, theta, lam)
         out[name] = (step, (state, batches, meta), (0,))
     return out
 
 
 def measure(name: str, cfg: GPTConfig, methods: Sequence[str]) -> dict:
-    """Compile every program of one size; its memory figures and compile seconds."""
+    """Compile every program of one size in float32 and with bf16 compute; memory figures,
+    matmul FLOPs and compile seconds."""
     model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
     n_params = int(sum(np.prod(a.shape) for a in jax.tree.leaves(bj.nnx.split_params(model)[1])))
     row: dict = {"model": name, "config": dataclasses.asdict(cfg), "params": n_params}
-    for prog, (fn, args, donate) in programs(cfg, methods).items():
-        t0 = time.perf_counter()
-        _, stats = harness.compile_stats(fn, args, donate=donate)
-        seconds = time.perf_counter() - t0
-        peak = stats["peak_bytes"]
-        row[prog] = {
-            "peak_bytes": peak,
-            "temp_bytes": stats["temp_bytes"],
-            "argument_bytes": stats["argument_bytes"],
-            "compile_s": seconds,
-            "fits_80gib": bool(peak <= BUDGET),
-        }
-        print(
-            f"  {name:>9} {prog:>10}: peak {peak / GIB:8.2f} GiB, temp "
-            f"{stats['temp_bytes'] / GIB:8.2f} GiB ({seconds:.1f} s to compile)",
-            flush=True,
-        )
+    for dname, dtype in DTYPES.items():
+        for prog, (fn, args, donate) in programs(cfg, methods, dtype).items():
+            t0 = time.perf_counter()
+            _, stats = harness.compile_stats(fn, args, donate=donate)
+            seconds = time.perf_counter() - t0
+            peak = stats["peak_bytes"]
+            fig = {
+                "peak_bytes": peak,
+                "temp_bytes": stats["temp_bytes"],
+                "argument_bytes": stats["argument_bytes"],
+                "compile_s": seconds,
+                "fits_80gib": bool(peak <= BUDGET),
+            }
+            if dtype is None:
+                trips = WHILE_TRIPS.get(prog, 1)
+                fig["matmul_flops"] = harness.matmul_flops(fn, args, while_trips=trips)
+                row[prog] = fig
+            else:
+                row[prog][dname] = fig
+            print(
+                f"  {name:>9} {dname:>7} {prog:>17}: peak {peak / GIB:8.2f} GiB, temp "
+                f"{stats['temp_bytes'] / GIB:8.2f} GiB ({seconds:.1f} s to compile)",
+                flush=True,
+            )
+    plain = row["plain"]
     for prog in ["plain", *methods]:
-        row[prog]["peak_ratio_vs_plain"] = row[prog]["peak_bytes"] / row["plain"]["peak_bytes"]
+        r = row[prog]
+        r["peak_ratio_vs_plain"] = r["peak_bytes"] / plain["peak_bytes"]
+        r["flop_ratio_vs_plain"] = r["matmul_flops"] / plain["matmul_flops"]
+        r["bf16"]["peak_ratio_vs_plain"] = r["bf16"]["peak_bytes"] / plain["bf16"]["peak_bytes"]
     return row
 
 
 def _slopes(rows: list[dict], methods: Sequence[str]) -> dict:
+    """Least-squares slope (bytes per parameter) of each program's peak over the sizes, and its
+    ratio to plain's, in float32 and (``"bf16"``) with bf16 compute."""
     params = np.array([r["params"] for r in rows], float)
-    out = {}
-    for prog in ["plain", *methods]:
-        peak = np.array([r[prog]["peak_bytes"] for r in rows], float)
-        out[prog] = {"bytes_per_param": float(np.polyfit(params, peak, 1)[0])}
-    for prog in out:
-        out[prog]["ratio_vs_plain"] = out[prog]["bytes_per_param"] / out["plain"]["bytes_per_param"]
-    return out
+
+    def fit(get):
+        out = {}
+        for prog in ["plain", *methods]:
+            peak = np.array([get(r[prog]) for r in rows], float)
+            out[prog] = {"bytes_per_param": float(np.polyfit(params, peak, 1)[0])}
+        for prog in out:
+            out[prog]["ratio_vs_plain"] = (
+                out[prog]["bytes_per_param"] / out["plain"]["bytes_per_param"]
+            )
+        return out
+
+    f32, bf16 = fit(lambda r: r["peak_bytes"]), fit(lambda r: r["bf16"]["peak_bytes"])
+    for prog in f32:
+        f32[prog]["bf16"] = bf16[prog]
+    return f32
 
 
 def plot(result: dict, path: str) -> None:
@@ -277,27 +331,63 @@ CLI = harness.StudyCLI(
     base_steps=harness.Unused(f"each program is K = {K} base steps (+ 1 meta step)"),
     meta_steps=harness.Unused("each program is one meta step"),
 )
+CLI.add_argument(
+    "--cpu-scheduler",
+    choices=("default", "memory"),
+    default="default",
+    help="XLA CPU's instruction scheduler: its default (concurrency-optimised) one, or "
+    f"'memory': the memory-minimising one ({MEMORY_SCHEDULER_FLAG}; set in XLA_FLAGS before "
+    "the first compilation, so it must be the process's first JAX work)",
+)
+
+
+def _use_memory_scheduler() -> None:
+    """Append :data:`MEMORY_SCHEDULER_FLAG` to ``XLA_FLAGS`` (read when the CPU backend starts)."""
+    import os
+
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        raise RuntimeError(
+            "--cpu-scheduler memory must be set before JAX starts its CPU backend; run the "
+            "study in a fresh process"
+        )
+    flags = os.environ.get("XLA_FLAGS", "")
+    if MEMORY_SCHEDULER_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {MEMORY_SCHEDULER_FLAG}".strip()
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Command line (module docstring): compile every program at every size."""
+    import os
+
     args = CLI.parse(argv)
+    if args.cpu_scheduler == "memory":
+        _use_memory_scheduler()
     run_ = harness.Run(args)
     sizes = QUICK_SIZES if args.quick else SIZES
     methods = QUICK_METHODS if args.quick else tuple(METHODS)
     rows = [measure(name, cfg, methods) for name, cfg in sizes.items()]
     slopes = _slopes(rows, methods)
-    print("\ntraining peak ÷ plain's, and the peak's slope over the sizes ÷ plain's:")
+    print("\ntraining peak ÷ plain's (float32 | bf16 compute), the float32 peak's slope over the")
+    print("sizes ÷ plain's, and the matmul FLOPs ÷ plain's at the largest size:")
     for prog in ["plain", *methods]:
-        ratios = "  ".join(f"{r[prog]['peak_ratio_vs_plain']:5.2f}" for r in rows)
-        print(f"  {prog:>10}: {ratios}   slope × {slopes[prog]['ratio_vs_plain']:.2f}")
+        f32 = "  ".join(f"{r[prog]['peak_ratio_vs_plain']:5.2f}" for r in rows)
+        bf16 = "  ".join(f"{r[prog]['bf16']['peak_ratio_vs_plain']:5.2f}" for r in rows)
+        print(
+            f"  {prog:>17}: {f32} | {bf16}   slope × {slopes[prog]['ratio_vs_plain']:.2f}   "
+            f"FLOPs × {rows[-1][prog]['flop_ratio_vs_plain']:.2f}"
+        )
     result = {
         "K": K,
         "batch": BATCH,
+        "cpu_scheduler": args.cpu_scheduler,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "methods": list(methods),
         "hypergrad": {m: repr(METHODS[m]) for m in methods},
         "base_tx": repr(harness.Recipe(optax.adam, 1e-3, eps_root=1e-8)),
         "meta_tx": repr(harness.Recipe(optax.adam, 1e-3)),
+        "while_trips": WHILE_TRIPS,
         "rows": rows,
         "slopes": slopes,
     }
