@@ -248,12 +248,11 @@ def time_paired(a: tuple, b: tuple, n: int) -> tuple[list[float], list[float]]:
     """Wall times (ms) of ``n`` calls each of two programs ``(compiled, args, donate)``, taken
     alternately (a, b, a, b, …) after two warm-up calls of each, so that both see the same
     machine load: their ratio is what one process measures at one time."""
+    (fa, args_a, donate_a), (fb, args_b, donate_b) = a, b
     times_a, times_b = [], []
     for i in range(n + 2):
-        ta, tb = (
-            time_calls(*a[:2], 1, donate=a[2], warmup=0),
-            time_calls(*b[:2], 1, donate=b[2], warmup=0),
-        )
+        ta = time_calls(fa, args_a, 1, donate=donate_a, warmup=0)
+        tb = time_calls(fb, args_b, 1, donate=donate_b, warmup=0)
         if i >= 2:
             times_a += ta
             times_b += tb
