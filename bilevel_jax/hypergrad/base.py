@@ -338,7 +338,7 @@ def forward_mixed_product(
     casts to), scaled back by ``2ᵉ``. It is exact up to rounding, nothing is subtracted (no cancellation in
     float32 or bf16), and it is the derivative of the loss as written: a ``stop_gradient`` inside
     ``base_loss`` blocks the θ-tangent as it blocks ∇_θ, whereas :func:`central_difference`
-    evaluates ∇_λL_b at θ ± εv and so differentiates through it (``docs/math.md``, section 1.1).
+    evaluates ∇_λL_b at θ ± εv and so differentiates through it (``docs/math.md``, section 5).
     θ and v enter in float32 or wider, as in :func:`central_difference`. ``ε = α/‖v‖`` is
     returned for SAMA's base step along v (``−εv``) only; h does not depend on α. ``‖v‖ = 0``
     gives ``h = 0``; a NaN v propagates. Returns ``(h, eps, v_norm)`` like

@@ -20,7 +20,7 @@ weighting network). SAMA also returns ``−εv``, the base step along v (paper �
 ``difference="jvp"`` replaces the central difference by the forward-mode product
 ``h = −∂/∂t ∇_λ L_b(θ + t v, λ; B)|_{t=0}`` (``jax.jvp`` of the λ-gradient): exact, no
 cancellation in low precision, and it respects a ``stop_gradient`` in L_b, which the central
-difference differentiates through (``docs/math.md``, section 1.1).
+difference differentiates through (``docs/math.md``, section 5).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def sama_hypergrad(
         ``stop_gradient`` in ``base_loss`` (the mixed derivative of the update as written,
         as CG/Neumann/exact compute it) where the central difference differentiates through
         it (Betty's estimand), and it stays accurate with the meta step in bf16
-        (``docs/math.md``, section 1.1; costs in ``experiments/README.md``).
+        (``docs/math.md``, section 5; costs in ``experiments/README.md``).
       direct: include the direct term ∇_λ L_m (zero when L_m ignores λ).
       axis_name: exact data parallelism inside ``shard_map``/``pmap``: d, ∇_λL_m and the fresh
         adaptation gradient are averaged over this axis before the (local) central
