@@ -19,7 +19,8 @@ The namespace, one name per thing:
   ``describe``);
 - submodules: ``hypergrad``, ``adaptation``, ``implicit_diff``, ``linalg``, ``parallel``,
   ``distributed``, ``selection`` (online data selection), ``influence`` (data influence as
-  hypergradients), ``nnx`` (Flax NNX helpers) and
+  hypergradients), ``multilevel`` (graphs of more than two problems, Betty's generalised meta
+  learning), ``nnx`` (Flax NNX helpers) and
   ``checkpoint`` (orbax; imported on first use, so ``import bilevel_jax`` does not import orbax).
 
 Example:
@@ -40,6 +41,7 @@ from bilevel_jax import (
     implicit_diff,
     influence,
     linalg,
+    multilevel,
     nnx,
     parallel,
     selection,
@@ -147,6 +149,7 @@ __all__ = [
     "influence",
     "linalg",
     "meta_grad",
+    "multilevel",
     "neumann",
     "nonfinite_errors",
     "parallel",

@@ -15,6 +15,7 @@ PUBLIC_MODULES = (
     "linalg",
     "selection",
     "influence",
+    "multilevel",
     "adaptation",
     "implicit_diff",
     "parallel",
