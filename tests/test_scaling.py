@@ -52,8 +52,9 @@ def test_quick_compiles_every_program_and_holds_at_least_the_state(tmp_path):
         p = 4 * row["params"]  # float32 bytes of θ
         # plain Adam holds θ, m, ν (3θ) at least; a bilevel step also λ's and its own buffers
         assert row["plain"]["peak_bytes"] >= 3 * p
-        assert row["plain"]["bf16"]["peak_bytes"] >= 3 * p  # float32 masters and moments
-        assert row["plain"]["bf16"]["peak_bytes"] < row["plain"]["peak_bytes"]  # bf16 activations
+        # float32 masters and moments (bf16 compute need not lower the peak: the bf16 copy of θ
+        # can outweigh the halved activations, as at every size of the full run)
+        assert row["plain"]["bf16"]["peak_bytes"] >= 3 * p
         for m in sc.QUICK_METHODS:
             assert row[m]["peak_bytes"] > row["plain"]["peak_bytes"], (m, row)
             assert row[m]["bf16"]["peak_bytes"] > row["plain"]["bf16"]["peak_bytes"], (m, row)
