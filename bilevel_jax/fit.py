@@ -266,8 +266,11 @@ _SKIP_STREAK = 10  # warn after this many consecutive skipped meta steps, then a
 class _Run:
     """The bookkeeping of one :func:`fit` call; ``self.state`` is always the newest state."""
 
-    def __init__(self, state, writers, *, start, checkpointer, last_saved, eval_fn, max_skips):
+    def __init__(
+        self, state, writers, *, start, checkpointer, last_saved, eval_fn, max_skips, per_call
+    ):
         self.state, self.writers, self.pos = state, writers, start
+        self.per_call = per_call  # base steps per call, or None: the batches' leading axis
         self.checkpointer, self.last_saved = checkpointer, last_saved
         self.eval_fn, self.max_skips = eval_fn, max_skips
         self.base_steps = int(state.base_steps)
@@ -281,7 +284,7 @@ class _Run:
 
     def dispatch(self, run, base_batches, meta_batch) -> int:
         self.state, metrics = run(self.state, base_batches, meta_batch)
-        self.base_steps += _leading(base_batches)
+        self.base_steps += _leading(base_batches) if self.per_call is None else self.per_call
         self.pos += 1
         self.pending.append((self.pos, self.base_steps, metrics))
         for w in self.writers:
@@ -413,7 +416,10 @@ def fit(
 
     Args:
       step: a :class:`~bilevel_jax.BilevelStep` (or any ``step(state, base_batches,
-        meta_batch) -> (state, metrics)`` with scalar metrics and a :class:`BilevelState`).
+        meta_batch) -> (state, metrics)`` with scalar metrics and a state with the counters
+        of a :class:`BilevelState`, e.g. a :class:`~bilevel_jax.multilevel.MultilevelStep`).
+        The logged ``base_steps`` advance by ``step.base_steps_per_call`` where the step has
+        that attribute, else by the leading axis of the base batches.
       state: the starting state (donated). With ``resume=True`` it is the template the
         checkpoint is restored into, and is used as is when there is no checkpoint yet.
       base_iter: the K-stacked base batches: an iterable, or a factory ``f(start)`` that
@@ -488,6 +494,7 @@ def fit(
             last_saved=last_saved,
             eval_fn=eval_fn,
             max_skips=max_skips,
+            per_call=getattr(step, "base_steps_per_call", None),
         )
         try:
             _loop(

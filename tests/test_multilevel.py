@@ -2,6 +2,7 @@
 Betty's path semantics; float64 where numbers are compared."""
 
 import collections
+import dataclasses
 import itertools
 from typing import Any, cast
 
@@ -517,5 +518,61 @@ def test_checkpoint_resume_is_bit_identical_and_fit_runs_the_step(tmp_path):
         progress=False,
     )
     assert int(out.meta_steps) == 4 and len(history) == 4
+    # the logged base steps are the state's counter (inner's unroll per call), not the
+    # batches' leading axis
+    assert step.base_steps_per_call == step.batch_axes("inner")[0]
+    assert [r["base_steps"] for r in history] == [
+        (i + 1) * step.base_steps_per_call for i in range(4)
+    ]
+    assert history[-1]["base_steps"] == int(out.base_steps)
     for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(a), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_fit_logs_the_base_steps_of_three_levels(x64):
+    """Three levels: the lowest problem's batch leaves carry two unroll axes (mid's unroll
+    outermost), so the batches' leading axis (2) is not the steps below the top per call
+    (low 2·3 + mid 2 = 8)."""
+    m = _mats()
+    step = _trilevel(m, bj.exact(), bj.exact(), unroll=(3, 2))
+    assert step.batch_axes("low") == (2, 3) and step.base_steps_per_call == 8
+    n1, n2 = m["A1"].shape[0], m["A2"].shape[0]
+    start = step.init({"low": jnp.zeros(n1), "mid": jnp.zeros(n2), "top": jnp.zeros(2)})
+    lower = {"low": jnp.zeros((2, 3, n1)), "mid": jnp.zeros((2, n2))}
+    out, history = bj.fit(
+        step,
+        cast(Any, start),
+        itertools.repeat(lower),
+        itertools.repeat(jnp.zeros(())),  # top's batch (its loss reads none)
+        num_meta_steps=3,
+        progress=False,
+    )
+    assert [r["base_steps"] for r in history] == [8, 16, 24] == [8 * (i + 1) for i in range(3)]
+    assert int(out.base_steps) == 24 and int(out.steps["low"]) == 18
+
+
+def test_vjp_scale_scales_that_edge_on_every_path_through_it(x64):
+    """Both of top's paths end with low's VJP, so scaling low's edge by s scales the whole
+    indirect part; scaling mid's edge scales only the path through mid."""
+    m = _mats()
+    x = jnp.array([0.7, -1.3])
+
+    def grads(low_scale=1.0, mid_scale=1.0):
+        step = _trilevel(m, bj.exact(), bj.exact())
+        probs = list(step.problems)
+        probs[0] = dataclasses.replace(probs[0], vjp_scale=low_scale)
+        probs[1] = dataclasses.replace(probs[1], vjp_scale=mid_scale)
+        step = multilevel_step(probs)
+        state = _at_best_response(step, m, x)
+        g, ok = step.hypergrad(state, _single_batches(m), "top")
+        assert bool(ok)
+        return g
+
+    direct = m["rho"] * x  # top's own ½ρ‖x‖² term; the rest flows through the reads
+    base = grads()
+    np.testing.assert_allclose(grads(low_scale=0.25) - direct, 0.25 * (base - direct), atol=1e-12)
+    # mid's edge: only the (top, mid, low, top) path; the other is unchanged, so the
+    # result is affine in the scale with the two paths as its parts
+    via_mid = grads(mid_scale=2.0) - base  # = 1 × (that path)
+    np.testing.assert_allclose(grads(mid_scale=0.0), base - via_mid, atol=1e-12)
+    assert float(jnp.max(jnp.abs(via_mid))) > 1e-2  # the check can fail

@@ -3,6 +3,7 @@ r"""The multilevel step: the whole schedule as one pure function (nested ``lax.s
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -174,6 +175,18 @@ class MultilevelStep:
         """
         self._known(name)
         return self.graph.batch_axes(name)
+
+    @property
+    def base_steps_per_call(self) -> int:
+        """The steps one call takes below the top level, summed over those problems (the
+        product of each one's :meth:`batch_axes`); :func:`bilevel_jax.fit` logs
+        ``base_steps`` with it.
+
+        >>> _example().base_steps_per_call
+        3
+        """
+        g = self.graph
+        return sum(math.prod(g.batch_axes(n)) for n in g.names if n not in g.tops)
 
     def _known(self, name: str) -> None:
         if name not in self.graph.index:
