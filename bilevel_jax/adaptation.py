@@ -15,28 +15,28 @@ Every rule here is the derivative of optax's *actual* update, bias correction
 included (``docs/math.md`` derives the Adam rule and why the formula printed in the
 seed papers is wrong):
 
-================================  =============================================
-transform                          ∂out/∂in
-================================  =============================================
-``scale(c)``                       ``c``
-``scale_by_schedule(f)``           ``f(count)`` (``scale_by_learning_rate``)
-``add_decayed_weights``, identity  ``1``
-``trace(β)``                       ``1``, or ``1 + β`` with ``nesterov=True``
-``scale_by_adam``                  ``[A(s+ε) − m̂(1−β₂)g/(c₂s)] / (s+ε)²`` with
-                                   ``A = (1−β₁)/c₁``, evaluated without
-                                   cancellation (see :func:`_adam_rule`)
-``scale_by_rms``                   ``(ρn/c + ε) / (n̂+ε)^{3/2}`` (eps in sqrt)
-``scale_by_rss``                   ``(S+ε) / (S'+ε)^{3/2}``
-``clip(δ)``                        ``1{|g| ≤ δ}``
-``clip_by_global_norm(c)``         rank one: ``(c/‖g‖)(w − ĝ(ĝ·w))`` if ``‖g‖ ≥ c``
-``clip_by_block_rms(τ)``           per leaf: ``1``, or ``(τ/rms)(w − û(û·w))``
-``scale_by_novograd``              ``w/(r+ε) − (a/r)g(g·w)/(r+ε)²`` (limit 0 at r = 0)
-``scale_by_param_block_rms``       ``max(rms(θ), min_scale)``
-``scale_by_factored_rms``          ``jax.vjp`` of a copy of optax's update with an
-                                   overflow-free derivative of ``ν^{-1/2}``
-``contrib.scale_by_muon``          ``jax.vjp`` of optax's update; at a zero matrix
-                                   the limit ``k·∂μ̂/∂g`` (see :func:`_muon_rule`)
-================================  =============================================
+==================================  =============================================
+transform                           ∂out/∂in
+==================================  =============================================
+``scale(c)``                        ``c``
+``scale_by_schedule(f)``            ``f(count)`` (``scale_by_learning_rate``)
+``add_decayed_weights``, identity   ``1``
+``trace(β)``                        ``1``, or ``1 + β`` with ``nesterov=True``
+``scale_by_adam``                   ``[A(s+ε) − m̂(1−β₂)g/(c₂s)] / (s+ε)²`` with
+                                    ``A = (1−β₁)/c₁``, evaluated without
+                                    cancellation (see :func:`_adam_rule`)
+``scale_by_rms``                    ``(ρn/c + ε) / (n̂+ε)^{3/2}`` (eps in sqrt)
+``scale_by_rss``                    ``(S+ε) / (S'+ε)^{3/2}``
+``clip(δ)``                         ``1{|g| ≤ δ}``
+``clip_by_global_norm(c)``          rank one: ``(c/‖g‖)(w − ĝ(ĝ·w))`` if ``‖g‖ ≥ c``
+``clip_by_block_rms(τ)``            per leaf: ``1``, or ``(τ/rms)(w − û(û·w))``
+``scale_by_novograd``               ``w/(r+ε) − (a/r)g(g·w)/(r+ε)²`` (limit 0 at r = 0)
+``scale_by_param_block_rms``        ``max(rms(θ), min_scale)``
+``scale_by_factored_rms``           ``jax.vjp`` of a copy of optax's update with an
+                                    overflow-free derivative of ``ν^{-1/2}``
+``contrib.scale_by_muon``           ``jax.vjp`` of optax's update; at a zero matrix
+                                    the limit ``k·∂μ̂/∂g`` (see :func:`_muon_rule`)
+==================================  =============================================
 
 Wrappers are walked to their inner transforms:
 

@@ -1,4 +1,4 @@
-r"""Checkpoints of a whole training state with orbax, verified on restore.
+r"""Checkpoints of a whole training state with orbax, verified on restore::
 
     ckpt = bj.checkpoint.Checkpointer("/tmp/run", max_to_keep=3)
     ckpt.save(step, state, extra={"data_position": pos, "rng_seed": 0})

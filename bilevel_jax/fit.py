@@ -1,4 +1,4 @@
-r"""``fit``: a thin training loop around a :func:`~bilevel_jax.bilevel_step`.
+r"""``fit``: a thin training loop around a :func:`~bilevel_jax.bilevel_step`::
 
     step = bj.bilevel_step(base_loss, meta_loss, base_tx, meta_tx, bj.sama())
     state = step.init(theta0, lam0)

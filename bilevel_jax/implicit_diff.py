@@ -297,9 +297,9 @@ def root_vjp(
 
     Args:
       optimality_fn: ``F(θ, *args)``, a pytree shaped like θ, zero at the solution.
-      solution: θ*, a pytree of floating arrays (F(θ*, *args) ≈ 0).
+      solution: ``θ*``, a pytree of floating arrays (``F(θ*, *args) ≈ 0``).
       args: the tuple of F's other arguments (pytrees).
-      cotangent: w, the cotangent of θ* (shaped like it).
+      cotangent: w, the cotangent of ``θ*`` (shaped like it).
       solve: the linear solver ``solve(matvec, b) -> x`` (see the module docstring; default
         ``partial(linalg.solve_cg, maxiter=DEFAULT_MAXITER)``).
       on_nonfinite: what to do when u holds NaN/inf: ``"warn"`` (default),
@@ -483,6 +483,7 @@ def custom_root(
 
     Example (ridge regression ``θ*(λ) = argmin ‖Xθ − y‖² + λ‖θ‖²`` by gradient descent;
     the implicit gradient matches the closed form ``−2 θ*ᵀ (XᵀX + λI)⁻¹ θ*`` of ``‖θ*‖²``):
+
       >>> import jax.numpy as jnp
       >>> X, y = jnp.array([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]]), jnp.array([1.0, 2.0, 0.5])
       >>> inner = lambda th, lam: jnp.sum((X @ th - y) ** 2) + lam * th @ th

@@ -334,6 +334,8 @@ def solve_dense(
     return unravel(jnp.linalg.solve(matrix, flat_b))
 
 
+#: The linear solvers by name (``custom_root(solve="cg")`` and the like): each is
+#: ``solver(matvec, b, **kwargs) -> x``.
 SOLVERS: dict[str, Callable] = {
     "cg": solve_cg,
     "gmres": solve_gmres,

@@ -88,8 +88,11 @@ def apply(graphdef, params: PyTree, rest: PyTree, *args, wrt=None, method=None, 
     back as the base loss's new model state.
 
     Args:
-      graphdef, params, rest: from :func:`split_params`.
-      *args, **kwargs: the call's arguments (e.g. ``x, train=True``).
+      graphdef: from :func:`split_params`.
+      params: from :func:`split_params`.
+      rest: from :func:`split_params`.
+      *args: the call's positional arguments (e.g. ``x``).
+      **kwargs: the call's keyword arguments (e.g. ``train=True``).
       wrt: the filter given to :func:`split_params` (default ``nnx.Param``).
       method: call this method by name instead of ``__call__``.
 

@@ -21,7 +21,7 @@ batch :math:`B'` chosen by :attr:`Selection.meta_batch`: the selected examples, 
 random subset of the big batch, or the whole big batch.
 
 :class:`Selection` holds these choices; pass it to :func:`bilevel_jax.bilevel_step` together
-with the λ-free ``train_loss(θ, batch)``:
+with the λ-free ``train_loss(θ, batch)``::
 
     sel = bj.selection.Selection(score_fn=lambda lam, b: b["x"] @ lam, keep=0.25)
     step = bj.bilevel_step(weighted_loss, meta_loss, base_tx, meta_tx, bj.sama(),

@@ -1,4 +1,4 @@
-r"""``meta_grad``: a hypergradient method as an optax transform on the meta parameters.
+r"""``meta_grad``: a hypergradient method as an optax transform on the meta parameters::
 
     meta_tx = optax.chain(bj.meta_grad(base_loss, meta_loss, base_tx, bj.sama()),
                           optax.adam(1e-3))

@@ -1,4 +1,6 @@
-"""Every python block of the README runs against the current API (and the examples learn)."""
+"""Every python block of the README and the docs runs against the current API (and the examples
+learn): the README's and the user guide's blocks by the tests below (they share one namespace in
+order), every other docs page's blocks as whole programs whose output the page shows."""
 
 import os
 import pathlib
@@ -12,11 +14,16 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+GUIDE = ROOT / "docs" / "guide.md"
+BLOCKS = [
+    block
+    for page in (README, GUIDE)
+    for block in re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+]
 
 # Each python block is identified by a line it contains; every block must be one of these.
 MARKERS = {
-    "usage": "def train_step(",
+    "usage": "mean weight of clean examples",
     "implicit": "@bj.custom_root(",
     "loop": "state, history = bj.fit(",
     "mwn": "def mwn(lam, loss):",
@@ -44,20 +51,20 @@ def test_every_python_block_is_run_by_a_test():
     assert sorted(n for (n,) in names) == sorted(MARKERS)
 
 
-def test_readme_usage_example_runs():
+def test_readme_usage_example_runs(capsys):
+    """The README's first example: the flipped labels end up weighted far below the clean ones."""
     ns = _run("usage", {})
-    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    x = jax.random.normal(k1, (32, 5))
-    y = jax.random.randint(k2, (32,), 0, 3)
-    theta, lam = {"w": jnp.zeros((5, 3))}, {"logit": jnp.zeros(32)}
-    bs, ms = ns["base_tx"].init(theta), ns["meta_tx"].init(lam)
-    for _ in range(3):
-        theta, bs, lam, ms = ns["train_step"](
-            theta, bs, lam, ms, (x, y, jnp.arange(32)), (x[:8], y[:8])
-        )
-    assert int(ms[0].count) == 3 and int(ms[0].nonfinite_count) == 0
-    assert float(jnp.max(jnp.abs(lam["logit"]))) > 0  # λ moved
-    assert float(jnp.max(jnp.abs(theta["w"]))) > 0  # θ moved
+    w, flipped = jax.nn.sigmoid(ns["lam"]["logit"]), ns["flipped"]
+    clean_mean, flipped_mean = float(w[~flipped].mean()), float(w[flipped].mean())
+    assert clean_mean > 0.5 > 0.1 > flipped_mean, (clean_mean, flipped_mean)
+    # what it prints is what the README says it prints
+    printed = capsys.readouterr().out.strip()
+    assert (
+        printed
+        == f"mean weight of clean examples {clean_mean:.2f}, of flipped ones {flipped_mean:.2f}"
+    )
+    assert f"This prints `{printed}`" in README.read_text()
+    assert int(ns["meta_state"][0].count) == 300 and int(ns["meta_state"][0].nonfinite_count) == 0
 
 
 def test_readme_selection_example_learns_to_drop_dirty_examples(capsys):
@@ -141,8 +148,9 @@ def test_checkpointer_as_written_works_in_a_clean_interpreter(tmp_path):
 
 
 DOC_BLOCKS = [
-    (page.name, i, block)
-    for page in sorted((ROOT / "docs").glob("*.md"))
+    (str(page.relative_to(ROOT / "docs")), i, block)
+    for page in sorted((ROOT / "docs").rglob("*.md"))
+    if page != GUIDE and "_build" not in page.parts
     for i, block in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), re.S))
 ]
 

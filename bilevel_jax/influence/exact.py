@@ -688,8 +688,9 @@ def forward_influence(
     SAMA-NA's first-order direction, i.e. gradient dot products with the aggregate query).
 
     Args:
-      per_example_loss, params, train_batch, query_batch, regularizer, curvature, damping,
-      maxiter, tol, outputs_fn, output_loss: as in :func:`influence`.
+      per_example_loss: as in :func:`influence`, and so are ``params``, ``train_batch``,
+        ``query_batch``, ``regularizer``, ``curvature``, ``damping``, ``maxiter``, ``tol``,
+        ``outputs_fn`` and ``output_loss``.
       query_loss: ``f(params, query_batch) -> ()``, the aggregate query loss. Default: the mean
         of ``per_example_loss(params, query_batch)`` (the mean test loss).
       solver: ``"cg"`` (default; Hessian-vector products only), ``"dense"`` or a function

@@ -42,6 +42,7 @@ direct-cost semantics with a warning (see :func:`multilevel_step`).
 
 Example (a trilevel chain: ``low`` reads ``top``; ``mid`` reads low's best response; ``top``
 reads both):
+
   >>> import jax, jax.numpy as jnp, optax, bilevel_jax as bj
   >>> from bilevel_jax.multilevel import Problem, multilevel_step
   >>> low = Problem("low", lambda t, r, b: jnp.sum((t - r["top"]) ** 2), optax.sgd(0.4),
