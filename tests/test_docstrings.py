@@ -8,6 +8,7 @@ themselves run as doctests (``--doctest-modules`` over ``bilevel_jax/``, configu
 
 import sys
 import types
+from typing import Any
 
 from bilevel_jax import _public
 
@@ -31,8 +32,8 @@ def test_the_walk_reports_what_is_missing(monkeypatch):
     """The check can fail: a module with an undocumented function, one without an example, a
     class inheriting its only docstring, a name in ``__all__`` that is not there, and a
     submodule that does not declare ``__all__``."""
-    pkg = types.ModuleType("fakepkg")
-    sub = types.ModuleType("fakepkg.sub")
+    pkg: Any = types.ModuleType("fakepkg")
+    sub: Any = types.ModuleType("fakepkg.sub")
 
     def bare(x):
         return x

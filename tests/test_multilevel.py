@@ -536,7 +536,7 @@ def test_fit_logs_the_base_steps_of_three_levels(x64):
     m = _mats()
     step = _trilevel(m, bj.exact(), bj.exact(), unroll=(3, 2))
     assert step.batch_axes("low") == (2, 3) and step.base_steps_per_call == 8
-    n1, n2 = m["A1"].shape[0], m["A2"].shape[0]
+    n1, n2 = jnp.shape(m["A1"])[0], jnp.shape(m["A2"])[0]
     start = step.init({"low": jnp.zeros(n1), "mid": jnp.zeros(n2), "top": jnp.zeros(2)})
     lower = {"low": jnp.zeros((2, 3, n1)), "mid": jnp.zeros((2, n2))}
     out, history = bj.fit(
@@ -548,7 +548,7 @@ def test_fit_logs_the_base_steps_of_three_levels(x64):
         progress=False,
     )
     assert [r["base_steps"] for r in history] == [8, 16, 24] == [8 * (i + 1) for i in range(3)]
-    assert int(out.base_steps) == 24 and int(out.steps["low"]) == 18
+    assert int(out.base_steps) == 24 and int(cast(Any, out).steps["low"]) == 18
 
 
 def test_vjp_scale_scales_that_edge_on_every_path_through_it(x64):
