@@ -56,11 +56,12 @@ nb_execution_raise_on_error = True
 nb_execution_timeout = 300
 nb_execution_show_tb = True
 nb_merge_streams = True
-# the kernel imports this checkout (and experiments/) and draws without a display
+# the kernel imports this checkout (and experiments/)
 os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p
 )
-os.environ.setdefault("MPLBACKEND", "Agg")
+# the kernel's inline backend puts each figure into the page; MPLBACKEND=Agg would drop them
+os.environ.pop("MPLBACKEND", None)
 # A kernelspec pinned to the interpreter running Sphinx (a "python3" spec elsewhere on the
 # machine may start another Python); every notebook's kernel name maps to it.
 _KERNELS = DOCS / "_build" / "jupyter"
