@@ -145,6 +145,7 @@ _OTHER = re.compile(
 )
 _SHAPE = re.compile(r"= \(?((?:[a-z]+\d*\[[\d,]*\][^ ,)]*(?:, )?)+)\)? all-reduce(?:-start)?\(")
 _ELEM = re.compile(r"([a-z]+)(\d*)\[([\d,]*)\]")
+_COMMENT = re.compile(r"/\*[^*]*\*/")  # XLA writes /*index=5*/ into tuples of 6+ elements
 
 
 def _nbytes(shape_text: str) -> int:
@@ -204,7 +205,9 @@ def collective_report(compiled_text: str, *, last_base_step_outside: bool = Fals
         )
 
     def size(lines):
-        return sum(_nbytes(m.group(1)) for line in lines if (m := _SHAPE.search(line)))
+        return sum(
+            _nbytes(m.group(1)) for line in lines if (m := _SHAPE.search(_COMMENT.sub("", line)))
+        )
 
     outside, bytes_outside = len(everywhere) - len(in_body), size(everywhere) - size(in_body)
     last = 1 if last_base_step_outside else 0  # one base step's reductions outside the loop

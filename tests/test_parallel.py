@@ -152,6 +152,11 @@ def test_collective_report_splits_base_and_meta_step_reductions():
     assert r["meta_step_allreduces"] == 1 and r["meta_step_bytes"] == 12  # 2 floats + 1 float
     with pytest.raises(ValueError, match="K >= 2"):
         collective_report("ENTRY %main () -> f32[] {\n}\n")
+    # a tuple of 6 or more operands: XLA numbers the elements from the sixth on
+    six = ", ".join(["f32[3]{0}"] * 5) + ", /*index=5*/f32[10]{0}"
+    wide = hlo.replace("%ar.3 = (f32[2]{0}, f32[]) all-reduce", f"%ar.3 = ({six}) all-reduce")
+    r = collective_report(wide)
+    assert r["meta_step_allreduces"] == 2 and r["meta_step_bytes"] == 4 * (4 + 5 * 3 + 10)
 
 
 @pytest.fixture(scope="module")
