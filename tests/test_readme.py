@@ -147,22 +147,31 @@ def test_checkpointer_as_written_works_in_a_clean_interpreter(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+# each python block, and the ```text block right after it (the output it shows), if any
+_BLOCK = re.compile(r"```python\n(.*?)```\n(?:\s*```text\n(.*?)```)?", re.S)
 DOC_BLOCKS = [
-    (str(page.relative_to(ROOT / "docs")), i, block)
+    (str(page.relative_to(ROOT / "docs")), i, m.group(1), m.group(2))
     for page in sorted((ROOT / "docs").rglob("*.md"))
     if page != GUIDE and "_build" not in page.parts
-    for i, block in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), re.S))
+    for i, m in enumerate(_BLOCK.finditer(page.read_text()))
 ]
 
 
-@pytest.mark.parametrize("page, i, block", DOC_BLOCKS, ids=[f"{p}-{i}" for p, i, _ in DOC_BLOCKS])
-def test_docs_python_blocks_run_and_print_what_the_page_says(page, i, block):
+@pytest.mark.parametrize(
+    "page, i, block, shown", DOC_BLOCKS, ids=[f"{p}-{i}" for p, i, _, _ in DOC_BLOCKS]
+)
+def test_docs_python_blocks_run_and_print_what_the_page_says(page, i, block, shown):
     """Each python block of docs/ is a whole program (some set x64 or fake devices, so each runs in
-    its own process); every line it prints must appear on its page."""
+    its own process). What it prints must be the ```text block right after it, where there is
+    one; otherwise every line it prints must appear on its page."""
     r = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     text = (ROOT / "docs" / page).read_text()
     printed = [line.strip() for line in r.stdout.splitlines() if line.strip()]
     assert printed, "the block prints nothing to check"
+    if shown is not None:
+        want = [line.strip() for line in shown.splitlines() if line.strip()]
+        assert printed == want, f"{page} block {i} printed {printed}, the page shows {want}"
+        return
     missing = [line for line in printed if line not in text]
     assert not missing, f"{page} block {i} printed lines its page does not show: {missing}"
