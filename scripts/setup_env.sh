@@ -48,10 +48,25 @@ elif ! is_py311_plus "$VENV/bin/python"; then
     exit 1
 fi
 
+# uv (a pip-compatible installer, pinned here) installs the ~130 pinned packages in parallel:
+# seconds instead of minutes on a fresh machine. pip is the fallback if uv cannot be installed.
+UV_VERSION=0.13.9
+pip_install() {  # pip_install ARGS...: into $VENV, with uv when it is there
+    if [[ -x "$VENV/bin/uv" ]]; then
+        "$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python" "$@"
+    else
+        "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@"
+    fi
+}
+if [[ ! -x "$VENV/bin/uv" ]]; then
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION" \
+        || log "uv could not be installed; using pip"
+fi
+
 lock_sha="$(sha256_of < "$LOCK")"
 if [[ ! -f "$LOCK_STAMP" || "$(cat "$LOCK_STAMP")" != "$lock_sha" ]]; then
-    log "installing pinned packages from $LOCK (this takes a minute or two on a fresh machine)"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -r "$LOCK"
+    log "installing pinned packages from $LOCK (seconds with uv, a minute or two with pip)"
+    pip_install --no-deps -r "$LOCK"
     echo "$lock_sha" > "$LOCK_STAMP"
     rm -f "$INSTALL_STAMP"
 else
@@ -63,7 +78,7 @@ fi
 install_sha="$({ cat pyproject.toml; ls -d -- */__init__.py 2>/dev/null || true; } | sha256_of)"
 if [[ ! -f "$INSTALL_STAMP" || "$(cat "$INSTALL_STAMP")" != "$install_sha" ]]; then
     log "installing bilevel-jax in editable mode"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e .
+    pip_install --no-deps -e .
     echo "$install_sha" > "$INSTALL_STAMP"
 else
     log "bilevel-jax editable install up to date"

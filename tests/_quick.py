@@ -37,9 +37,12 @@ def run_study(
     return r
 
 
-def run_quick(module: str, tmp_path, stem: str, timeout: float) -> tuple[dict, list[str]]:
-    """``python -m module --quick --json tmp_path/stem.json``; returns (JSON, metrics JSON lines)."""
-    r = run_study(module, tmp_path, stem, "--no-progress", timeout=timeout)
+def run_quick(
+    module: str, tmp_path, stem: str, *args: str, timeout: float
+) -> tuple[dict, list[str]]:
+    """``python -m module --quick [args] --json tmp_path/stem.json``; returns (JSON, metrics JSON
+    lines)."""
+    r = run_study(module, tmp_path, stem, "--no-progress", *args, timeout=timeout)
     assert r["config"]["seeds"] == [0]
     assert r["data"]["sha256"] and r["data"]["path"].endswith("mnist_5k.csv.gz")
     return r, (tmp_path / f"{stem}.metrics.jsonl").read_text().splitlines()

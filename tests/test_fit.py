@@ -370,11 +370,11 @@ def test_progress_bar_runs(capsys):
 
 
 def readme_loop_example():
-    """Run the README's training-loop example (the python block that calls ``bj.fit``)."""
-    readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)
+    """Run the user guide's training-loop example (the python block that calls ``bj.fit``)."""
+    guide = pathlib.Path(__file__).resolve().parents[1] / "docs" / "guide.md"
+    blocks = re.findall(r"```python\n(.*?)```", guide.read_text(), re.S)
     ns: dict = {}
-    exec(compile(next(b for b in blocks if "bj.fit(" in b), "README.md", "exec"), ns)  # noqa: S102
+    exec(compile(next(b for b in blocks if "bj.fit(" in b), "docs/guide.md", "exec"), ns)  # noqa: S102
     return ns
 
 
