@@ -8,7 +8,6 @@ import pytest
 
 from experiments import benchmark as bm
 
-
 # The methods the comparisons below need; the others compile programs of the same kinds (each
 # method costs the suite about 15 s of compilation on 2 cores).
 METHODS = ("sama", "sama_na", "darts", "neumann", "cg", "itd", "sama_fresh")
