@@ -42,11 +42,10 @@ PUBLIC_MODULES = (
 
 
 class PublicName(NamedTuple):
-    """One public name: ``qualified`` (``module.attr``), its ``module`` and ``attr``, ``obj``."""
+    """One public name: ``qualified`` (``module.attr``), its ``module`` and the ``obj``."""
 
     qualified: str
     module: str
-    attr: str
     obj: Any
 
 
@@ -86,7 +85,7 @@ def public_names(
                 continue
             obj = getattr(module, attr)
             if not inspect.ismodule(obj):
-                names.append(PublicName(f"{prefix}.{attr}", prefix, attr, obj))
+                names.append(PublicName(f"{prefix}.{attr}", prefix, obj))
     return names, problems
 
 

@@ -5,7 +5,6 @@ import json
 import math
 import os
 import pathlib
-import re
 import signal
 import subprocess
 import sys
@@ -362,31 +361,6 @@ def test_progress_bar_runs(capsys):
         desc="sama",
     )
     assert "sama" in capsys.readouterr().err
-
-
-# ------------------------------------------------------------------------------------------
-# The README "Training loop" example: the body of this function (minus the final
-# `return locals()`) is the README block, verbatim.
-
-
-def readme_loop_example():
-    """Run the user guide's training-loop example (the python block that calls ``bj.fit``)."""
-    guide = pathlib.Path(__file__).resolve().parents[1] / "docs" / "guide.md"
-    blocks = re.findall(r"```python\n(.*?)```", guide.read_text(), re.S)
-    ns: dict = {}
-    exec(compile(next(b for b in blocks if "bj.fit(" in b), "docs/guide.md", "exec"), ns)  # noqa: S102
-    return ns
-
-
-def test_readme_loop_example(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    ns = readme_loop_example()
-    history, state = ns["history"], ns["state"]
-    assert len(history) == 200 and len(read_log(tmp_path / "loop.jsonl")) == 200
-    assert history[-1]["eval"]["acc"] > 0.85
-    flipped = np.asarray(ns["noisy"] != ns["y"])[ns["train"]]
-    w = np.asarray(jax.nn.sigmoid(state.meta_params[ns["train"]]))
-    assert w[flipped].mean() < w[~flipped].mean() - 0.1  # the noisy labels are down-weighted
 
 
 def test_sigkill_during_fit_then_resume_is_bit_identical(tmp_path):
