@@ -6,10 +6,8 @@ and a cell error fails the build):
     .venv/bin/python -m sphinx -W --keep-going -b html docs docs/_build/html
 """
 
-import json
 import os
 import pathlib
-import shutil
 import sys
 
 DOCS = pathlib.Path(__file__).resolve().parent
@@ -33,53 +31,40 @@ extensions = [
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
     "api_coverage",
+    "tutorials",
 ]
 
 # -- sources --------------------------------------------------------------------------------
-# The tutorials live in notebooks/ (the repository's top level); they are copied into
-# docs/tutorials/ (git-ignored) before each build, stored there without outputs, and executed.
-TUTORIALS = DOCS / "tutorials"
-TUTORIALS.mkdir(exist_ok=True)
-for old in TUTORIALS.glob("*.ipynb"):
-    old.unlink()
-for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
-    shutil.copy2(nb, TUTORIALS / nb.name)
+# The tutorials live in notebooks/ (the repository's top level), stored without outputs. The
+# `tutorials` extension (docs/_ext/tutorials.py) copies them into docs/tutorials/ (git-ignored)
+# and executes them, two at a time on two CPUs, before the pages are read; a cell error fails
+# the build. MyST-NB renders the executed copies as they are.
+tutorials_source = str(ROOT / "notebooks")
+tutorials_jobs = int(os.environ.get("BILEVEL_JAX_DOCS_JOBS", "0"))  # 0: one per CPU
+tutorials_timeout = 300  # seconds per cell
 
 exclude_patterns = ["_build", "README.md", "jupyter_execute"]
 source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb"}
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
 myst_heading_anchors = 3
-
-# -- notebooks: executed on every build; an error in any cell fails it ---------------------------
-nb_execution_mode = "force"
-nb_execution_raise_on_error = True
-nb_execution_timeout = 300
-nb_execution_show_tb = True
+nb_execution_mode = "off"  # executed already, by the tutorials extension
 nb_merge_streams = True
+
+# -- the kernels' environment ---------------------------------------------------------------------
 # the kernel imports this checkout (and experiments/)
 os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p
 )
 # the kernel's inline backend puts each figure into the page; MPLBACKEND=Agg would drop them
 os.environ.pop("MPLBACKEND", None)
-# A kernelspec pinned to the interpreter running Sphinx (a "python3" spec elsewhere on the
-# machine may start another Python); every notebook's kernel name maps to it.
-_KERNELS = DOCS / "_build" / "jupyter"
-_spec = _KERNELS / "kernels" / "bilevel-jax-docs" / "kernel.json"
-_spec.parent.mkdir(parents=True, exist_ok=True)
-_spec.write_text(
-    json.dumps(
-        {
-            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "bilevel_jax docs",
-            "language": "python",
-        }
-    )
-)
-os.environ["JUPYTER_PATH"] = os.pathsep.join(
-    p for p in [str(_KERNELS), os.environ.get("JUPYTER_PATH", "")] if p
-)
-nb_kernel_rgx_aliases = {".*": "bilevel-jax-docs"}
+# The kernels compile with LLVM's cheap pipeline, as the test suite does (tests/_xla.py): the
+# tutorials are compile-bound and none reports a speed or memory figure as a result (the wall
+# times they print are for orientation). XLA's HLO passes still run. BILEVEL_JAX_DOCS_FULL_OPT=1
+# builds with XLA's defaults.
+_CHEAP_LLVM = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+if os.environ.get("BILEVEL_JAX_DOCS_FULL_OPT") != "1":
+    _flags = os.environ.get("XLA_FLAGS", "").split()
+    os.environ["XLA_FLAGS"] = " ".join([*_flags, *(f for f in _CHEAP_LLVM if f not in _flags)])
 
 # -- API reference ----------------------------------------------------------------------------
 autodoc_default_options = {"members": False, "show-inheritance": False}
