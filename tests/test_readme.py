@@ -2,11 +2,14 @@
 learn): the README's and the user guide's blocks by the tests below (they share one namespace in
 order), every other docs page's blocks as whole programs whose output the page shows."""
 
+import functools
+import json
 import os
 import pathlib
 import re
 import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -159,19 +162,45 @@ DOC_BLOCKS = [
     if page != GUIDE and "_build" not in page.parts
     for i, m in enumerate(_BLOCK.finditer(page.read_text()))
 ]
+# A block that sets environment variables (XLA flags, fake devices) before JAX starts needs a
+# process of its own; a page's other blocks share one (tests/_doc_blocks.py: a fresh namespace
+# each, 64-bit mode reset after each), which saves an interpreter and JAX start per block.
+_OWN_PROCESS = ("os.environ", "XLA_FLAGS", "jax.distributed")
+
+
+def _group(page: str, i: int) -> tuple:
+    block = next(b for p, j, b, _ in DOC_BLOCKS if (p, j) == (page, i))
+    return (page, i) if any(k in block for k in _OWN_PROCESS) else (page,)
+
+
+@functools.cache
+def _run_group(group: tuple) -> dict[int, dict]:
+    """Run the blocks of ``group`` (a page, or one block of it) in one fresh process."""
+    ids, blocks = zip(*[(j, b) for p, j, b, _ in DOC_BLOCKS if _group(p, j) == group], strict=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = pathlib.Path(tmp) / "blocks.json"
+        spec.write_text(json.dumps(list(blocks)))
+        r = subprocess.run(
+            [sys.executable, str(ROOT / "tests" / "_doc_blocks.py"), str(spec)],
+            capture_output=True,
+            text=True,
+            timeout=600,  # a whole page's blocks; the slowest page takes ~30 s on 2 loaded cores
+        )
+    assert r.returncode == 0, r.stderr[-2000:]
+    return dict(zip(ids, json.loads(r.stdout.splitlines()[-1]), strict=True))
 
 
 @pytest.mark.parametrize(
     "page, i, block, shown", DOC_BLOCKS, ids=[f"{p}-{i}" for p, i, _, _ in DOC_BLOCKS]
 )
 def test_docs_python_blocks_run_and_print_what_the_page_says(page, i, block, shown):
-    """Each python block of docs/ is a whole program (some set x64 or fake devices, so each runs in
-    its own process). What it prints must be the ```text block right after it, where there is
-    one; otherwise every line it prints must appear on its page."""
-    r = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    """Each python block of docs/ is a whole program. What it prints must be the ```text block
+    right after it, where there is one; otherwise every line it prints must appear on its
+    page."""
+    result = _run_group(_group(page, i))[i]
+    assert result["error"] is None, f"{page} block {i} raised:\n{result['error'][-2000:]}"
     text = (ROOT / "docs" / page).read_text()
-    printed = [line.strip() for line in r.stdout.splitlines() if line.strip()]
+    printed = [line.strip() for line in result["stdout"].splitlines() if line.strip()]
     assert printed, "the block prints nothing to check"
     if shown is not None:
         want = [line.strip() for line in shown.splitlines() if line.strip()]
@@ -179,3 +208,17 @@ def test_docs_python_blocks_run_and_print_what_the_page_says(page, i, block, sho
         return
     missing = [line for line in printed if line not in text]
     assert not missing, f"{page} block {i} printed lines its page does not show: {missing}"
+
+
+def test_a_docs_block_that_raises_is_reported_and_the_next_starts_clean():
+    """The shared-process runner: a raising block's traceback comes back, and the next block
+    sees neither its names nor its 64-bit mode."""
+    from tests import _doc_blocks
+
+    first = (
+        "import jax\njax.config.update('jax_enable_x64', True)\nleft = 1\nraise ValueError('no')"
+    )
+    second = "import jax.numpy as jnp\nprint(jnp.ones(1).dtype, 'left' in globals())"
+    bad, good = _doc_blocks.run([first, second])
+    assert "ValueError: no" in bad["error"]
+    assert good == {"stdout": "float32 False\n", "error": None}
