@@ -57,14 +57,6 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 # the kernel's inline backend puts each figure into the page; MPLBACKEND=Agg would drop them
 os.environ.pop("MPLBACKEND", None)
-# The kernels compile with LLVM's cheap pipeline, as the test suite does (tests/_xla.py): the
-# tutorials are compile-bound and none reports a speed or memory figure as a result (the wall
-# times they print are for orientation). XLA's HLO passes still run. BILEVEL_JAX_DOCS_FULL_OPT=1
-# builds with XLA's defaults.
-_CHEAP_LLVM = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
-if os.environ.get("BILEVEL_JAX_DOCS_FULL_OPT") != "1":
-    _flags = os.environ.get("XLA_FLAGS", "").split()
-    os.environ["XLA_FLAGS"] = " ".join([*_flags, *(f for f in _CHEAP_LLVM if f not in _flags)])
 
 # -- API reference ----------------------------------------------------------------------------
 autodoc_default_options = {"members": False, "show-inheritance": False}

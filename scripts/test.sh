@@ -14,8 +14,9 @@ echo "[test.sh] pyright"
 .venv/bin/pyright
 rc=0
 # Two workers (the CI machine has 2 cores); tests of one file share a worker so that
-# module-scoped fixtures (e.g. a study run once in a subprocess) run once.
-.venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@" || rc=$?
+# module-scoped fixtures (e.g. a study run once in a subprocess) run once; files are handed out
+# in collection order, longest first (tests/conftest.py: SLOW_FIRST).
+.venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@" || rc=$?
 if [[ $rc -eq 5 ]]; then
     echo "[test.sh] ERROR: pytest collected no tests (exit code 5); the suite must not be empty." >&2
     rc=1

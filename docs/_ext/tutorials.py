@@ -11,7 +11,8 @@ and the traceback.
 Why not MyST-NB's own execution: it runs a notebook while reading it, and Sphinx's parallel
 reading hands contiguous runs of pages to each process, so the tutorials (all under
 ``tutorials/``) still ran one after another. The tutorials are compile-bound and single-threaded
-while they compile, so two at a time on two cores halves the build.
+while they compile, so two at a time on two cores nearly halves the build (measured: the
+nine tutorials take 169 s one after another, 100 s two at a time).
 
 Config values: ``tutorials_source`` (the folder of notebooks), ``tutorials_jobs`` (0: one per
 CPU), ``tutorials_timeout`` (seconds per cell).
