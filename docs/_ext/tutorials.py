@@ -6,7 +6,7 @@ kernel, ``tutorials_jobs`` notebooks at a time (default: one per CPU), with a ke
 to the interpreter running Sphinx. The executed copies, outputs and figures included, replace
 the copies; MyST-NB renders them as stored (``nb_execution_mode = "off"``). A cell that raises
 fails the build: every notebook still runs, and the error names each failed notebook, its cell
-and the traceback.
+and the traceback. Each notebook's wall time is printed as it finishes (also under ``-q``).
 
 Why not MyST-NB's own execution: it runs a notebook while reading it, and Sphinx's parallel
 reading hands contiguous runs of pages to each process, so the tutorials (all under
@@ -32,9 +32,6 @@ import time
 import nbclient
 import nbformat
 from sphinx.errors import ExtensionError
-from sphinx.util import logging
-
-logger = logging.getLogger(__name__)
 
 KERNEL = "bilevel-jax-docs"
 TUTORIALS = "tutorials"
@@ -88,7 +85,7 @@ def execute_all(
                 # each fails the build, after the other notebooks have run
                 failures[name] = _ANSI.sub("", f"{type(e).__name__}: {e}")  # IPython's colours
                 continue
-            logger.info(f"[tutorials] {name} executed in {times[name]:.1f} s")
+            print(f"[tutorials] {name} executed in {times[name]:.1f} s", flush=True)
     if failures:
         raise ExtensionError(
             f"{len(failures)} tutorial(s) failed:\n"
@@ -110,9 +107,10 @@ def _run(app) -> None:
     jobs = app.config.tutorials_jobs or os.cpu_count() or 1
     start = time.perf_counter()
     execute_all(paths, kernel, app.config.tutorials_timeout, jobs)
-    logger.info(
+    print(
         f"[tutorials] {len(paths)} notebooks executed in {time.perf_counter() - start:.1f} s "
-        f"({jobs} at a time)"
+        f"({jobs} at a time)",
+        flush=True,
     )
 
 
