@@ -315,8 +315,12 @@ def test_phases_compose_to_the_step_bit_identically():
         )
         return state._replace(rng=rng), base, hg
 
-    a, m = jax.jit(step)(state, (xs[0], ys[0]), meta)
-    b, base, hg = jax.jit(by_phases)(state, (xs[0], ys[0]), meta)
+    # Op by op (no jit): the same operations give the same bits whatever XLA's code generator
+    # does with two differently fused programs (the suite's classic fusion emitter rounds them
+    # differently, tests/_xla.py)
+    with jax.disable_jit():
+        a, m = step(state, (xs[0], ys[0]), meta)
+        b, base, hg = by_phases(state, (xs[0], ys[0]), meta)
     assert _leaves_equal(a, b)
     assert base.losses.shape == (K,) and bool(base.finite.all()) and bool(hg.finite)
     assert float(m["meta_loss"]) == float(hg.meta_loss)

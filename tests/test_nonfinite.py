@@ -52,9 +52,12 @@ def test_meta_grad_vmaps_in_every_mode(mode: OnNonfinite):
     x = jnp.arange(12.0).reshape(4, 3) / 6
     got = jax.vmap(upd)(lam, th, x)  # was: NotImplementedError: IO effect ... vmap-of-cond
     want = jnp.stack([upd(lam[i], th[i], x[i]) for i in range(4)])  # one task at a time
-    np.testing.assert_allclose(got, want, rtol=1e-6)
+    # rtol 1e-5, not 1e-6: the batched and the per-task programs round differently, and SAMA's
+    # central difference divides that float32 rounding by 2ε (measured: 1.2e-6 with the suite's
+    # classic fusion emitter, tests/_xla.py)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
     np.testing.assert_allclose(
-        jax.jit(jax.vmap(jax.vmap(upd)))(lam[None], th[None], x[None])[0], want, rtol=1e-6
+        jax.jit(jax.vmap(jax.vmap(upd)))(lam[None], th[None], x[None])[0], want, rtol=1e-5
     )
 
 
