@@ -76,11 +76,12 @@ class DistributedLaunchError(RuntimeError):
     """A process of a multi-process run failed, aborted or did not finish in time.
 
     >>> from bilevel_jax import distributed as dist
+    >>> fail_on_1 = "import os, sys; sys.exit(3 * (os.environ['BILEVEL_JAX_PROCESS_ID'] == '1'))"
     >>> try:
-    ...     dist.launch_local(["-c", "raise SystemExit(3)"], 2)
+    ...     dist.launch_local(["-c", fail_on_1], 2)
     ... except dist.DistributedLaunchError as e:
     ...     print(str(e).splitlines()[0])
-    process 0 of 2 exited with status 3. End of its stderr:
+    process 1 of 2 exited with status 3. End of its stderr:
     """
 
 
