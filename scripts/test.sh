@@ -33,16 +33,13 @@ if [[ $rc -eq 5 ]]; then
     echo "[test.sh] ERROR: pytest collected no tests (exit code 5); the suite must not be empty." >&2
     rc=1
 fi
-echo "[test.sh] pyright"
-prc=0
-wait "$pyright_pid" || prc=$?
-cat .cache/pyright.log
-if [[ $prc -ne 0 ]]; then echo "[test.sh] ERROR: pyright failed" >&2; [[ $rc -ne 0 ]] || rc=1; fi
-if [[ -n "$docs_pid" ]]; then
-    echo "[test.sh] docs build"
-    drc=0
-    wait "$docs_pid" || drc=$?
-    cat .cache/docs.log
-    if [[ $drc -ne 0 ]]; then echo "[test.sh] ERROR: the docs build failed" >&2; [[ $rc -ne 0 ]] || rc=1; fi
-fi
+finish() {  # finish NAME PID LOG: wait for a job started beside pytest, print its output
+    local jrc=0
+    echo "[test.sh] $1"
+    wait "$2" || jrc=$?
+    cat "$3"
+    if [[ $jrc -ne 0 ]]; then echo "[test.sh] ERROR: $1 failed" >&2; [[ $rc -ne 0 ]] || rc=1; fi
+}
+finish pyright "$pyright_pid" .cache/pyright.log
+[[ -z "$docs_pid" ]] || finish "the docs build" "$docs_pid" .cache/docs.log
 exit $rc
